@@ -1,0 +1,75 @@
+"""The contract between the training module and its loss terms.
+
+Each loss term is a Lightning ``Callback`` listed under ``trainer.callbacks``; deleting its lines is the
+ablation. A loss declares what it needs (:class:`LossNeeds`), may hand the module frozen helper models to own
+(:meth:`LossCallback.build`, e.g. the captioner: the module moves them to the right device and precision), and
+computes an unweighted scalar from the generated batch (:meth:`LossCallback.compute`). The module gathers the
+active losses once, computes only what they need, and adds ``weight * compute(...)`` to the generator loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LossNeeds:
+    """What a loss reads from the rollout. The module decodes images only if some active loss asks."""
+
+    decoded_image: bool = False
+
+
+@dataclass
+class GeneratedBatch:
+    """One rollout of the online model, as the losses see it."""
+
+    prompts: list[str]
+    latents: torch.Tensor  # (B, 4, h, w) final latent, fp32, carries gradient during training
+    images: Optional[torch.Tensor]  # (B, 3, H, W) = decoded / 2 + 0.5, not clamped; None if no loss needs it
+    batch: dict[str, Any] = field(default_factory=dict)  # the datamodule's batch (extra JSONL fields)
+    generator: Optional[torch.Generator] = None  # for a loss's own randomness (e.g. random crops), seeded per step
+
+
+class LossCallback(Callback):
+    """Base class of every loss term. Subclasses set ``needs`` and implement :meth:`compute`."""
+
+    needs = LossNeeds()
+
+    def __init__(self, weight: float = 1.0, name: Optional[str] = None):
+        if not weight >= 0:  # also refuses NaN
+            raise ValueError(f"{type(self).__name__}: weight must be >= 0, got {weight}")
+        self.weight = float(weight)
+        self.name = name or _snake_case(type(self).__name__)
+
+    @property
+    def state_key(self) -> str:
+        return self.name
+
+    def build(self, pl_module) -> Optional[nn.Module]:
+        """Frozen helper model(s) this loss needs, created when the module loads its models. The module stores
+        the result as ``pl_module.loss_modules[self.name]``."""
+        return None
+
+    def compute(self, pl_module, generated: GeneratedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(unweighted scalar loss, extra scalars to log)``."""
+        raise NotImplementedError
+
+
+def _snake_case(name: str) -> str:
+    out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    return out.removesuffix("_loss")
+
+
+def active_losses(callbacks) -> list[LossCallback]:
+    """The loss callbacks among a trainer's callbacks; refuses two with the same name."""
+    losses = [cb for cb in callbacks if isinstance(cb, LossCallback)]
+    names = [loss.name for loss in losses]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"two loss callbacks share the name(s) {duplicates}; give each a distinct `name`")
+    return losses

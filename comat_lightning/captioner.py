@@ -1,0 +1,113 @@
+"""The Concept Matching judge: a frozen BLIP captioner scoring how likely the prompt is as a caption of an image.
+
+``CaptionScorer(images, prompts)`` returns the per-sample negative log-likelihood of
+``prefix + prompt.lower()`` given each image, differentiable with respect to the images. Preprocessing is done
+with torch ops (random crop, fp32 bicubic antialiased resize, CLIP mean/std), not with the PIL image processor,
+so the gradient reaches the diffusion model.
+
+Three choices change the number and are explicit options (the official CoMat code's values in brackets):
+``label_smoothing`` [0.1; transformers' default is 0.0], ``first_token`` ["cls": BLIP's forward keeps the
+tokenizer's [CLS]; "dec" puts the [DEC] token that ``generate`` starts from], and ``reduction``
+["token_mean": one mean over every caption token in the batch; "sample_mean": mean per caption, then over
+the batch, so short prompts are not drowned by long ones].
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comat_lightning.tiny_zoo import resolve_model_path
+
+FirstToken = Literal["cls", "dec"]
+Reduction = Literal["sample_mean", "token_mean"]
+
+
+class CaptionScorer(nn.Module):
+    def __init__(
+        self,
+        path: str,
+        prefix: str = "a photography of ",
+        label_smoothing: float = 0.0,
+        first_token: FirstToken = "cls",
+        max_crop: int = 0,
+        max_length: int = 64,
+    ):
+        super().__init__()
+        from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipImageProcessor
+
+        path = resolve_model_path(path)
+        self.model = BlipForConditionalGeneration.from_pretrained(path)
+        self.model.requires_grad_(False).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        processor = BlipImageProcessor.from_pretrained(path)
+        size = processor.size
+        self.image_size = (size["height"], size["width"])
+        self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(processor.image_std).view(1, 3, 1, 1), persistent=False)
+        self.prefix = prefix
+        # [CLS] + the prefix's word pieces; these positions are context, not scored.
+        self.prefix_length = len(self.tokenizer(prefix.strip(), add_special_tokens=False).input_ids) + 1
+        self.label_smoothing = label_smoothing
+        self.first_token = first_token
+        self.max_crop = max_crop
+        self.max_length = min(max_length, self.model.config.text_config.max_position_embeddings)
+
+    def train(self, mode: bool = True):  # the judge is frozen: dropout stays off whatever Lightning asks
+        return super().train(False)
+
+    # ------------------------------------------------------------------------------------------ inputs
+
+    def preprocess(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] (not clamped) -> (B, 3, S, S) BLIP pixel values, differentiably."""
+        if self.max_crop > 0:
+            offsets = torch.randint(0, self.max_crop + 1, (images.shape[0], 2), generator=generator).tolist()
+            h, w = images.shape[-2] - self.max_crop, images.shape[-1] - self.max_crop
+            images = torch.stack([img[:, top : top + h, left : left + w] for img, (top, left) in zip(images, offsets)])
+        # Bicubic has no bf16 CPU kernel, and resizing is cheap: always fp32.
+        with torch.autocast(images.device.type, enabled=False):
+            resized = F.interpolate(images.float(), size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+            return (resized - self.mean) / self.std
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Caption token ids, attention mask and labels (-100 on the prefix and on padding)."""
+        texts = [self.prefix + p.lower() for p in prompts]
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
+        input_ids, attention_mask = enc.input_ids, enc.attention_mask
+        if self.first_token == "dec":
+            input_ids = input_ids.clone()
+            input_ids[:, 0] = self.model.config.text_config.bos_token_id
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, : self.prefix_length] = -100
+        device = self.mean.device
+        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+
+    # ------------------------------------------------------------------------------------------ scoring
+
+    def token_losses(self, pixel_values: torch.Tensor, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token cross-entropy (B, T-1) of next-token prediction, and the mask of scored tokens (B, T-1).
+        Computed from the logits because transformers' BLIP returns only one batch-mean scalar."""
+        logits = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
+        shifted_logits, shifted_labels = logits[:, :-1].float(), labels[:, 1:]
+        losses = F.cross_entropy(
+            shifted_logits.transpose(1, 2), shifted_labels, ignore_index=-100, reduction="none", label_smoothing=self.label_smoothing
+        )
+        return losses, shifted_labels != -100
+
+    def forward(self, images: torch.Tensor, prompts: list[str], generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(per_sample_nll (B,), token_counts (B,))``; reduce with :func:`reduce_caption_nll`."""
+        text = self.tokenize(prompts)
+        losses, scored = self.token_losses(self.preprocess(images, generator), **text)
+        counts = scored.sum(dim=1)
+        return losses.sum(dim=1) / counts.clamp(min=1), counts
+
+
+def reduce_caption_nll(per_sample: torch.Tensor, counts: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    if reduction == "sample_mean":
+        return per_sample.mean()
+    if reduction == "token_mean":  # the official code: every caption token in the batch weighs the same
+        return (per_sample * counts).sum() / counts.sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}; expected 'sample_mean' or 'token_mean'")

@@ -1,0 +1,352 @@
+"""CoMatModule: reward fine-tuning of a text-to-image UNet with no images, only prompts.
+
+One generator step (``training_step``), top to bottom:
+
+1. roll out the online model (UNet + LoRA) from noise with classifier-free guidance; gradient flows only
+   through the denoising steps chosen by the :class:`GradientStepPolicy`;
+2. decode the final latent with the VAE when a loss needs pixels;
+3. every active loss callback turns the generated batch into a weighted scalar;
+4. one AdamW step on the LoRA weights, after clipping their gradient norm.
+
+The module holds what the losses need (frozen helper models they ``build``) and computes nothing no active loss
+asks for. Models are loaded in ``configure_model`` (after option checks, and after ``setup`` has refused a
+run with no loss), so a bad config fails in seconds, not after loading gigabytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal, Optional
+
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds, active_losses
+from comat_lightning.diffusion_model import Conditioning, DiffusionBackbone, ModelFamily
+from comat_lightning.rollout import EvenlySpacedSteps, GradientStepPolicy, initial_noise, sample_latents
+
+
+@dataclass
+class SamplerConfig:
+    """The online model's rollout. Defaults are the published CoMat settings."""
+
+    resolution: int = 512  # both SD1.5 and SDXL are fine-tuned at 512 px in the paper
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "DDPMScheduler"  # stochastic, as the paper; any diffusers scheduler class name works
+    detach_unet_input: bool = False  # True = SDXL official (UNet input detached at gradient steps)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the online UNet. alpha = rank gives scale 1.0, as the paper."""
+
+    rank: int = 128
+    alpha: Optional[float] = None  # None: same as rank
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class OptimizerConfig:
+    """Generator optimizer (AdamW). Published: lr 5e-5 (SD1.5) / 2e-5 (SDXL), constant LR."""
+
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    grad_clip: Optional[float] = 0.1  # max gradient norm; None disables clipping
+    warmup_steps: int = 0  # linear warm-up, then constant
+
+
+class CoMatModule(LightningModule):
+    """Args:
+        pretrained_model: SD 1.x/2.x or SDXL pipeline, hub id or folder (``tiny://sd`` for the built-in demo).
+        unet_path: replace the pipeline's UNet (e.g. the paper's SDXL UNet fine-tuned at 512 px).
+        vae_path: replace the pipeline's VAE.
+        model_family: "auto" reads model_index.json; "sd" or "sdxl" to force.
+        revision / variant: passed to ``from_pretrained`` (variant e.g. "fp16" for smaller downloads).
+        sampler: rollout settings.
+        gradient_steps: which denoising steps carry gradient (CoMat: 5 evenly spaced with a random phase).
+        finetune: "lora" (frozen base = the same UNet with the adapter disabled) or "full" (trains the whole
+            UNet; keeps a frozen copy as the base).
+        lora: LoRA settings (ignored for full fine-tuning).
+        optimizer: generator optimizer settings.
+        gradient_checkpointing: non-reentrant checkpointing of the UNet and the VAE decoder.
+        seed: base of the per-step, per-rank noise seeds.
+    """
+
+    def __init__(
+        self,
+        pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        unet_path: Optional[str] = None,
+        vae_path: Optional[str] = None,
+        model_family: ModelFamily = "auto",
+        revision: Optional[str] = None,
+        variant: Optional[str] = None,
+        sampler: SamplerConfig = SamplerConfig(),
+        gradient_steps: GradientStepPolicy = lazy_instance(EvenlySpacedSteps, num_gradient_steps=5),
+        finetune: Literal["lora", "full"] = "lora",
+        lora: LoraConfig = LoraConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        gradient_checkpointing: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        _check_options(sampler, gradient_steps, lora, optimizer, finetune)
+        self.model_source = dict(path=pretrained_model, unet_path=unet_path, vae_path=vae_path, family=model_family, revision=revision, variant=variant)
+        self.sampler = sampler
+        self.gradient_steps = gradient_steps
+        self.finetune = finetune
+        self.lora = lora
+        self.optimizer_config = optimizer
+        self.gradient_checkpointing = gradient_checkpointing
+        self.seed = seed
+        self.automatic_optimization = False  # generator (and later discriminator) steps are explicit
+        self.strict_loading = False  # checkpoints hold only the trainable weights; on_load_checkpoint checks them
+        self.generator_step = 0  # Lightning's global_step counts every optimizer's steps; this counts ours
+        self.backbone: Optional[DiffusionBackbone] = None
+        self.base_unet: Optional[nn.Module] = None  # only for full fine-tuning
+        self.loss_modules = nn.ModuleDict()
+        self.losses: list[LossCallback] = []
+        self.needs = LossNeeds()
+        self._empty_prompt: Optional[Conditioning] = None
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def setup(self, stage: str) -> None:
+        self.losses = active_losses(self.trainer.callbacks)
+        if stage == "fit" and not self.losses:
+            raise ValueError(
+                "no loss callback is active: add at least one under trainer.callbacks, e.g.\n"
+                "  - class_path: callbacks.ConceptMatchingLoss\n    init_args: {captioner: Salesforce/blip-image-captioning-large}"
+            )
+        self.needs = LossNeeds(decoded_image=any(loss.needs.decoded_image for loss in self.losses))
+
+    def configure_model(self) -> None:
+        if self.backbone is not None:  # Lightning may call this once per stage
+            return
+        backbone = DiffusionBackbone.from_pretrained(**self.model_source)
+        _check_resolution(self.sampler.resolution, backbone)
+        backbone.requires_grad_(False)
+        unet = backbone.unet
+        if self.finetune == "full":
+            self.base_unet = copy.deepcopy(unet).eval()
+            unet.requires_grad_(True)
+        else:
+            from peft import LoraConfig as PeftLoraConfig
+
+            unet.add_adapter(
+                PeftLoraConfig(
+                    r=self.lora.rank,
+                    lora_alpha=self.lora.alpha or self.lora.rank,
+                    target_modules=list(self.lora.target_modules),
+                    init_lora_weights=True,  # B = 0: training starts exactly at the base model
+                )
+            )
+        if self.gradient_checkpointing:
+            # Non-reentrant: works with detached inputs and frozen bases, unlike the reentrant variant.
+            ckpt = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+            unet.enable_gradient_checkpointing(gradient_checkpointing_func=lambda module, *args: ckpt(module.__call__, *args))
+            backbone.vae.enable_gradient_checkpointing(gradient_checkpointing_func=lambda module, *args: ckpt(module.__call__, *args))
+        self.backbone = backbone
+        for loss in self.losses:
+            helper = loss.build(self)
+            if helper is not None:
+                self.loss_modules[loss.name] = helper.requires_grad_(False)
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+        warmup = max(cfg.warmup_steps, 0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return [optimizer], [schedule]
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def training_step(self, batch: dict, batch_idx: int):
+        optimizer, lr_schedule = self.optimizers(), self.lr_schedulers()
+        # 1. Rollout with gradient through the policy's steps. The step choice is the same on every rank (so
+        #    ranks do equal work); the noise differs per rank (the official code drew identical noise).
+        steps = self.gradient_steps.select(self.sampler.num_inference_steps, torch.Generator().manual_seed(self._seed(rank=0)))
+        generated = self.generate(batch, seed=self._seed(rank=self.global_rank), gradient_steps=steps)
+        # 2-3. Weighted loss terms from the active loss callbacks.
+        terms, extras = self.loss_terms(generated)
+        loss = torch.stack(list(terms.values())).sum()
+        # 4. Generator update.
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.optimizer_config.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optimizer_config.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        lr_schedule.step()
+        self.generator_step += 1
+
+        batch_size = len(generated.prompts)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        for name, value in {**terms, **extras}.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name in terms, batch_size=batch_size)
+        self.log("train/lr", lr_schedule.get_last_lr()[0], batch_size=batch_size)
+        self.log("train/generator_step", float(self.generator_step), batch_size=batch_size)
+        return loss.detach()
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        # Fixed seeds per batch index, outside the range training uses, so validation curves are comparable.
+        generated = self.generate(batch, seed=self.seed + 2**40 + batch_idx * 1_000 + self.global_rank)
+        terms, extras = self.loss_terms(generated)
+        batch_size = len(generated.prompts)
+        for name, value in {**terms, **extras}.items():
+            self.log(f"val/{name}", value, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        if terms:
+            self.log("val/loss", torch.stack(list(terms.values())).sum(), on_epoch=True, sync_dist=True, batch_size=batch_size)
+
+    def loss_terms(self, generated: GeneratedBatch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        terms, extras = {}, {}
+        for loss in self.losses:
+            value, logs = loss.compute(self, generated)
+            terms[loss.name] = loss.weight * value
+            extras.update({f"{loss.name}/{k}": v for k, v in logs.items()})
+        return terms, extras
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def generate(self, batch: dict, seed: int, gradient_steps=()) -> GeneratedBatch:
+        """Roll out the online model for ``batch["prompt"]``; decode if an active loss needs pixels."""
+        prompts = list(batch["prompt"])
+        generator = torch.Generator().manual_seed(seed)
+        latents = self.sample(prompts, generator, gradient_steps=gradient_steps)
+        images = self.decode(latents) if self.needs.decoded_image else None
+        return GeneratedBatch(prompts=prompts, latents=latents, images=images, batch=batch, generator=generator)
+
+    def sample(self, prompts: list[str], generator: torch.Generator, gradient_steps=(), unet: Optional[nn.Module] = None) -> torch.Tensor:
+        """Final latents (B, 4, h, w), fp32. ``unet`` defaults to the online UNet."""
+        backbone, cfg = self.backbone, self.sampler
+        scheduler = self.make_scheduler()  # a fresh instance: schedulers keep per-rollout state
+        scheduler.set_timesteps(cfg.num_inference_steps, device=self.device)
+        latent_size = cfg.resolution // backbone.vae_scale_factor
+        latents = initial_noise(len(prompts), backbone.unet.config.in_channels, latent_size, generator, self.device, scheduler.init_noise_sigma)
+        return sample_latents(
+            unet or backbone.unet,
+            scheduler,
+            backbone.encode_prompts(prompts, cfg.resolution),
+            self.empty_prompt().expand(len(prompts)),
+            latents,
+            cfg.guidance_scale,
+            generator=generator,
+            gradient_steps=gradient_steps,
+            detach_unet_input=cfg.detach_unet_input,
+        )
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode with gradient; returns x / 2 + 0.5, not clamped (the reward sees the raw decoder output).
+        Never in fp16: SDXL's VAE overflows there, so fp16 autocast is lifted to fp32 for the decode."""
+        vae = self.backbone.vae
+        fp16 = torch.is_autocast_enabled(self.device.type) and torch.get_autocast_dtype(self.device.type) == torch.float16
+        with torch.autocast(self.device.type, enabled=False) if fp16 else contextlib.nullcontext():
+            dtype = torch.float32 if fp16 else vae.dtype
+            image = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample
+        return image.float() / 2 + 0.5
+
+    def make_scheduler(self):
+        import diffusers
+
+        return getattr(diffusers, self.sampler.scheduler).from_config(self.backbone.scheduler_config)
+
+    def empty_prompt(self) -> Conditioning:
+        """The unconditional embedding, encoded once (batch 1) and cached on the current device."""
+        cached = self._empty_prompt
+        if cached is None or cached.embeds.device != self.device:
+            self._empty_prompt = cached = self.backbone.encode_prompts([""], self.sampler.resolution)
+        return cached
+
+    @contextlib.contextmanager
+    def frozen_base(self):
+        """The frozen base UNet: the online UNet with its adapter disabled (LoRA) or the kept copy (full)."""
+        if self.base_unet is not None:
+            yield self.base_unet
+            return
+        unet = self.backbone.unet
+        unet.disable_adapters()
+        try:
+            yield unet
+        finally:
+            unet.enable_adapters()
+
+    def _seed(self, rank: int) -> int:
+        # Distinct per (generator step, rank); a pure function of the step, so resumed runs draw the same noise.
+        return self.seed * 1_000_003 + self.generator_step * 4099 + rank
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def trainable_state_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Only what training changes: the frozen multi-GB models are reloaded from their source on resume.
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["comat"] = {"generator_step": self.generator_step, "model_source": self.model_source, "finetune": self.finetune}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[0]}): it was written "
+                "with a different LoRA rank/target modules, fine-tuning mode or base model"
+            )
+        self.generator_step = int(checkpoint.get("comat", {}).get("generator_step", 0))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone is not None:  # frozen parts never train: no dropout, no batch-stat updates
+            for frozen in (self.backbone.vae, self.backbone.text_encoders, self.base_unet):
+                if frozen is not None:
+                    frozen.eval()
+        return self
+
+
+def _check_options(sampler: SamplerConfig, gradient_steps: GradientStepPolicy, lora: LoraConfig, optimizer: OptimizerConfig, finetune: str) -> None:
+    """Refuse bad values before anything is loaded; each message names the option."""
+    import diffusers
+
+    problems = []
+    if sampler.resolution <= 0 or sampler.resolution % 8:
+        problems.append(f"model.sampler.resolution={sampler.resolution}: must be a positive multiple of 8 (the VAE factor)")
+    if sampler.num_inference_steps < 1:
+        problems.append(f"model.sampler.num_inference_steps={sampler.num_inference_steps}: must be >= 1")
+    if sampler.num_inference_steps >= 1:
+        try:  # e.g. K gradient steps > num_inference_steps
+            gradient_steps.select(sampler.num_inference_steps, torch.Generator().manual_seed(0))
+        except ValueError as err:
+            problems.append(f"model.gradient_steps: {err}")
+    if not math.isfinite(sampler.guidance_scale) or sampler.guidance_scale < 0:
+        problems.append(f"model.sampler.guidance_scale={sampler.guidance_scale}: must be a finite number >= 0")
+    scheduler_cls = getattr(diffusers, sampler.scheduler, None)
+    if scheduler_cls is None or not hasattr(scheduler_cls, "set_timesteps"):
+        problems.append(f"model.sampler.scheduler={sampler.scheduler!r}: not a diffusers scheduler class (e.g. DDPMScheduler)")
+    if finetune == "lora" and lora.rank < 1:
+        problems.append(f"model.lora.rank={lora.rank}: must be >= 1")
+    if finetune == "lora" and not lora.target_modules:
+        problems.append("model.lora.target_modules: empty; name at least one module (e.g. to_q)")
+    if not optimizer.lr > 0:
+        problems.append(f"model.optimizer.lr={optimizer.lr}: must be > 0")
+    if optimizer.grad_clip is not None and not optimizer.grad_clip > 0:
+        problems.append(f"model.optimizer.grad_clip={optimizer.grad_clip}: must be > 0 (or null to disable)")
+    if optimizer.weight_decay < 0:
+        problems.append(f"model.optimizer.weight_decay={optimizer.weight_decay}: must be >= 0")
+    if problems:
+        raise ValueError("invalid options:\n  " + "\n  ".join(problems))
+
+
+def _check_resolution(resolution: int, backbone: DiffusionBackbone) -> None:
+    if resolution % backbone.vae_scale_factor:
+        raise ValueError(f"model.sampler.resolution={resolution} is not divisible by this VAE's factor {backbone.vae_scale_factor}")
+
+
+__all__ = ["CoMatModule", "SamplerConfig", "LoraConfig", "OptimizerConfig"]

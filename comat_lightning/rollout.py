@@ -1,0 +1,142 @@
+"""Differentiable sampling: the online model's rollout, with gradient through a few chosen denoising steps.
+
+Which steps carry gradient is a pluggable :class:`GradientStepPolicy`:
+
+- :class:`EvenlySpacedSteps` (CoMat): K steps, ``num_steps // K`` apart, with a random phase.
+- :class:`LastSteps` (DRaFT-K, AlignProp): the last K steps.
+- :class:`SingleRandomStep` (ReFL): one random step inside a window near the end.
+
+Memory model of :func:`sample_latents` (B = batch, steps indexed 0..N-1 from noise to image):
+
+- steps before the first gradient step run under ``torch.no_grad`` (no graph at all);
+- at a gradient step the UNet runs with grad (its input is the live latent, or a detached copy when
+  ``detach_unet_input``: SDXL's official setting, which keeps one UNet graph per step instead of a chain);
+- the other steps after it are constants: the UNet runs without grad, but the scheduler update is linear in the
+  latent, so the gradient still flows along the chain to earlier gradient steps;
+- the latent chain and scheduler arithmetic stay fp32; the UNet runs in the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from abc import ABC, abstractmethod
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from comat_lightning.diffusion_model import Conditioning
+
+
+class GradientStepPolicy(ABC):
+    """Chooses the denoising step indices (0 = first, from pure noise) that carry gradient."""
+
+    @abstractmethod
+    def select(self, num_steps: int, generator: torch.Generator) -> list[int]: ...
+
+    @staticmethod
+    def _randint(low: int, high: int, generator: torch.Generator) -> int:
+        """Uniform integer in [low, high], inclusive."""
+        return int(torch.randint(low, high + 1, (1,), generator=generator).item())
+
+
+class EvenlySpacedSteps(GradientStepPolicy):
+    """CoMat: K steps ``interval = num_steps // K`` apart, starting at a random phase
+    ``s`` in ``[0, num_steps - interval * (K - 1) - 1]``. 50 steps, K=5: interval 10, s in [0, 9]."""
+
+    def __init__(self, num_gradient_steps: int = 5):
+        if num_gradient_steps < 1:
+            raise ValueError(f"num_gradient_steps must be >= 1, got {num_gradient_steps}")
+        self.num_gradient_steps = num_gradient_steps
+
+    def select(self, num_steps: int, generator: torch.Generator) -> list[int]:
+        k = self.num_gradient_steps
+        if k > num_steps:
+            raise ValueError(f"EvenlySpacedSteps: num_gradient_steps={k} exceeds num_inference_steps={num_steps}")
+        interval = num_steps // k
+        phase = self._randint(0, num_steps - interval * (k - 1) - 1, generator)
+        return [phase + i * interval for i in range(k)]
+
+
+class LastSteps(GradientStepPolicy):
+    """DRaFT-K / AlignProp: gradient through the last K steps only."""
+
+    def __init__(self, num_gradient_steps: int = 1):
+        if num_gradient_steps < 1:
+            raise ValueError(f"num_gradient_steps must be >= 1, got {num_gradient_steps}")
+        self.num_gradient_steps = num_gradient_steps
+
+    def select(self, num_steps: int, generator: torch.Generator) -> list[int]:
+        if self.num_gradient_steps > num_steps:
+            raise ValueError(f"LastSteps: num_gradient_steps={self.num_gradient_steps} exceeds num_inference_steps={num_steps}")
+        return list(range(num_steps - self.num_gradient_steps, num_steps))
+
+
+class SingleRandomStep(GradientStepPolicy):
+    """ReFL-style: one step drawn uniformly from the window ``[first_fraction, last_fraction)`` of the schedule
+    (default: the last quarter, as ReFL's t in [30, 39] of 40). Unlike ReFL the rollout then finishes the
+    remaining steps as constants instead of jumping to the x0 prediction."""
+
+    def __init__(self, first_fraction: float = 0.75, last_fraction: float = 1.0):
+        if not 0.0 <= first_fraction < last_fraction <= 1.0:
+            raise ValueError(f"need 0 <= first_fraction < last_fraction <= 1, got {first_fraction}, {last_fraction}")
+        self.first_fraction = first_fraction
+        self.last_fraction = last_fraction
+
+    def select(self, num_steps: int, generator: torch.Generator) -> list[int]:
+        low = min(int(self.first_fraction * num_steps), num_steps - 1)
+        high = max(low, min(int(self.last_fraction * num_steps), num_steps) - 1)
+        return [self._randint(low, high, generator)]
+
+
+StepHook = Callable[[int, bool], contextlib.AbstractContextManager]
+
+
+def sample_latents(
+    unet: torch.nn.Module,
+    scheduler,
+    cond: Conditioning,
+    uncond: Conditioning,
+    latents: torch.Tensor,
+    guidance_scale: float,
+    generator: Optional[torch.Generator] = None,
+    gradient_steps: Iterable[int] = (),
+    detach_unet_input: bool = False,
+    step_hook: Optional[StepHook] = None,
+) -> torch.Tensor:
+    """Run the full classifier-free-guided sampling loop of ``scheduler`` (already ``set_timesteps``) from
+    ``latents`` (B, C, h, w; fp32, already scaled by ``init_noise_sigma``) and return the final latent.
+
+    ``step_hook(step_index, carries_grad)`` may return a context manager wrapped around each UNet call (the
+    attention-capture machinery uses it). With no gradient steps the whole loop is gradient-free and matches
+    diffusers' pipelines step for step (see tests/test_parity.py)."""
+    gradient_steps = set(gradient_steps)
+    first_grad = min(gradient_steps) if gradient_steps else None
+    both = Conditioning.cat(uncond, cond)  # diffusers' order: [negative, positive]
+    added = both.added_cond_kwargs()
+    # Only stochastic schedulers take a generator (diffusers' pipelines filter step kwargs the same way).
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for i, t in enumerate(scheduler.timesteps):
+        carries_grad = i in gradient_steps
+        chain_grad = first_grad is not None and i >= first_grad  # the latent chain is part of the graph
+        with torch.set_grad_enabled(chain_grad):
+            unet_input = latents.detach() if (carries_grad and detach_unet_input) else latents
+            model_input = scheduler.scale_model_input(torch.cat([unet_input] * 2), t)
+            hook = step_hook(i, carries_grad) if step_hook is not None else contextlib.nullcontext()
+            with torch.set_grad_enabled(carries_grad), hook:
+                noise = unet(model_input, t, encoder_hidden_states=both.embeds, added_cond_kwargs=added).sample
+            noise_uncond, noise_cond = noise.float().chunk(2)
+            guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = scheduler.step(guided, t, latents, **step_kwargs, return_dict=False)[0]
+    return latents
+
+
+def initial_noise(
+    batch_size: int, channels: int, latent_size: int, generator: torch.Generator, device, init_noise_sigma: float
+) -> torch.Tensor:
+    """Gaussian start latent drawn on the generator's device (CPU by default, so the same seed gives the same
+    noise on any accelerator), then moved. Matches diffusers' ``prepare_latents``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (batch_size, channels, latent_size, latent_size)
+    return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32) * init_noise_sigma

@@ -1,0 +1,160 @@
+"""Our rollout and our captioner loss against the real references: diffusers' pipelines and transformers' BLIP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_module
+
+PROMPTS = ["a red car and a blue bus", "a small zebracorn on the beach"]  # the second has unknown words
+
+
+def _pipeline_latents(family: str, path: str, scheduler_config: dict, seed: int, steps: int) -> torch.Tensor:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipe = cls.from_pretrained(path)
+    pipe.scheduler = DDPMScheduler.from_config(scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(negative_prompt=[""] * len(PROMPTS)) if family == "sdxl" else {}  # SDXL zeroes a None negative
+    return pipe(
+        PROMPTS,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        **kwargs,
+    ).images
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_rollout_matches_diffusers_pipeline(family, tiny_paths):
+    """(a) With the LoRA at its zero init and no gradient steps, our DDPM rollout reproduces the pipeline."""
+    module = make_module(tiny_paths[family])
+    assert module.backbone.family == family
+    steps, seed = 4, 123
+    with torch.no_grad():
+        ours = module.sample(PROMPTS, torch.Generator().manual_seed(seed))
+    reference = _pipeline_latents(family, tiny_paths[family], module.backbone.scheduler_config, seed, steps)
+    assert ours.dtype == torch.float32 and ours.shape == reference.shape == (2, 4, 8, 8)
+    # Same ops in the same order: only float reassociation inside batched kernels may differ.
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_frozen_base_is_the_pipeline_even_after_lora_moves(family, tiny_paths):
+    """The frozen base (adapter disabled) still samples exactly what the pipeline samples once LoRA is non-zero."""
+    module = make_module(tiny_paths[family])
+    with torch.no_grad():
+        for name, param in module.backbone.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+        online = module.sample(PROMPTS, torch.Generator().manual_seed(7))
+        with module.frozen_base() as base:
+            frozen = module.sample(PROMPTS, torch.Generator().manual_seed(7), unet=base)
+    reference = _pipeline_latents(family, tiny_paths[family], module.backbone.scheduler_config, 7, 4)
+    # PEFT-wrapped linears with the adapter off take another kernel path: a few 1e-5 differences, not more.
+    torch.testing.assert_close(frozen, reference, atol=5e-5, rtol=1e-4)
+    assert (online - reference).abs().max() > 1e-3  # the LoRA really changes the online model
+
+
+def _scorer(path, **kwargs):
+    from comat_lightning.captioner import CaptionScorer
+
+    return CaptionScorer(path, **kwargs)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("first_token", ["cls", "dec"])
+def test_caption_nll_matches_transformers_loss(tiny_paths, label_smoothing, first_token):
+    """(b) Per-sample NLL = transformers' BLIP loss of that sample alone; token-mean reduction = its batch loss."""
+    from comat_lightning.captioner import reduce_caption_nll
+
+    scorer = _scorer(tiny_paths["blip"], label_smoothing=label_smoothing, first_token=first_token)
+    model = scorer.model
+    model.text_decoder.label_smoothing = label_smoothing  # transformers reads it from the config
+    images = torch.rand(3, 3, 64, 64)
+    prompts = ["a red car", "a blue bird and a yellow flower on a wooden table", "a cat"]
+    pixel_values = scorer.preprocess(images)
+    text = scorer.tokenize(prompts)
+    if first_token == "dec":
+        assert (text["input_ids"][:, 0] == model.config.text_config.bos_token_id).all()
+    else:
+        assert (text["input_ids"][:, 0] == scorer.tokenizer.cls_token_id).all()
+    per_sample, counts = scorer(images, prompts)
+    with torch.no_grad():
+        for i in range(len(prompts)):
+            n = int(text["attention_mask"][i].sum())  # the sample alone, without the batch's padding
+            ref = model(
+                pixel_values=pixel_values[i : i + 1],
+                input_ids=text["input_ids"][i : i + 1, :n],
+                attention_mask=text["attention_mask"][i : i + 1, :n],
+                labels=text["labels"][i : i + 1, :n],
+            ).loss
+            torch.testing.assert_close(per_sample[i], ref, atol=1e-5, rtol=1e-5)
+        batch_ref = model(pixel_values=pixel_values, **text).loss
+    torch.testing.assert_close(reduce_caption_nll(per_sample, counts, "token_mean"), batch_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reduce_caption_nll(per_sample, counts, "sample_mean"), per_sample.mean())
+    assert not torch.allclose(per_sample.mean(), batch_ref)  # the two reductions really differ here
+
+
+def test_caption_labels_mask_prefix_and_padding(tiny_paths):
+    scorer = _scorer(tiny_paths["blip"])
+    text = scorer.tokenize(["a red car", "a blue bird and a yellow flower"])
+    prefix_ids = scorer.tokenizer("a photography of", add_special_tokens=False).input_ids
+    assert scorer.prefix_length == len(prefix_ids) + 1  # [CLS] + prefix
+    labels, ids, mask = text["labels"], text["input_ids"], text["attention_mask"]
+    assert (labels[:, : scorer.prefix_length] == -100).all()
+    assert (labels[mask == 0] == -100).all()
+    scored = labels[0][labels[0] != -100].tolist()
+    assert scored == ids[0][scorer.prefix_length : int(mask[0].sum())].tolist()  # "red car [SEP]"
+    assert scored[-1] == scorer.tokenizer.sep_token_id
+
+
+def test_preprocessing_matches_blip_image_processor(tiny_paths):
+    """Our differentiable resize + normalise agrees with BLIP's own (PIL, uint8) processor up to rounding."""
+    from transformers import BlipImageProcessor
+
+    scorer = _scorer(tiny_paths["blip"], max_crop=0)
+    image = torch.rand(1, 3, 8, 8)
+    image = torch.nn.functional.interpolate(image, size=(96, 96), mode="bilinear")  # smooth: resampling-filter agnostic
+    reference_processor = BlipImageProcessor.from_pretrained(tiny_paths["blip"])
+    as_uint8 = (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    reference = torch.as_tensor(reference_processor(images=as_uint8, return_tensors="pt")["pixel_values"])
+    ours = scorer.preprocess((image * 255).round() / 255)
+    assert ours.shape == reference.shape == (1, 3, 32, 32)
+    assert (ours - reference).abs().mean() < 0.02  # ~1% of the normalised range; PIL rounds to uint8
+
+
+def test_preprocessing_is_differentiable_and_crops(tiny_paths):
+    scorer = _scorer(tiny_paths["blip"], max_crop=2)
+    images = torch.rand(2, 3, 64, 64, requires_grad=True)
+    first = scorer.preprocess(images, torch.Generator().manual_seed(0))
+    first.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    crops = {scorer.preprocess(images.detach(), torch.Generator().manual_seed(s)).sum().item() for s in range(6)}
+    assert len(crops) > 1  # different seeds give different crops
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_gradients_reach_lora_parameters_only(family, tiny_paths):
+    """(c) A full generator step's loss sends gradient into LoRA weights and nowhere else."""
+    from callbacks import ConceptMatchingLoss
+
+    loss = ConceptMatchingLoss(captioner=tiny_paths["blip"])
+    module = make_module(tiny_paths[family], losses=[loss], gradient_checkpointing=True)
+    module.loss_modules[loss.name] = loss.build(module).requires_grad_(False)
+    generated = module.generate({"prompt": PROMPTS}, seed=0, gradient_steps=[1, 3])
+    assert generated.latents.requires_grad and generated.images.requires_grad
+    terms, _ = module.loss_terms(generated)
+    terms[loss.name].backward()
+    with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert with_grad and with_grad <= trainable
+    assert all(".lora_" in n for n in trainable)
+    assert any("lora_B" in n and module.get_parameter(n).grad.abs().sum() > 0 for n in with_grad)
+    # LoRA starts at B = 0, so lora_A's gradient is exactly zero at the first step, by design.
+    assert all(module.get_parameter(n).grad.abs().sum() == 0 for n in with_grad if "lora_A" in n)
