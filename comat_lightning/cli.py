@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -19,6 +20,8 @@ class CoMatCLI(LightningCLI):
 def main(args=None, run: bool = True) -> CoMatCLI:
     # Tokenizers' thread pool warns (and can deadlock) when DataLoader workers fork after first use.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The frozen models (VAE, text encoders, captioner) are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     return CoMatCLI(
         CoMatModule,
         PromptDataModule,

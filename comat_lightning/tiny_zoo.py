@@ -15,6 +15,7 @@ with BLIP's ``[DEC]`` start token.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 
 TINY_SCHEME = "tiny://"
-ZOO_VERSION = "v1"  # bump when a builder changes, so stale caches are not reused
+# The cache key is a hash of this file: any change to a builder invalidates previously built models.
+ZOO_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 TINY_MODELS = ("sd", "sdxl", "blip")
 
 # Words that get a token of their own. Prompts may use any other word: it is split into pieces.

@@ -58,6 +58,19 @@ def make_module(path: str, losses=(), **overrides):
 
 def run_cli(args: list[str]):
     """Run the real CLI in-process (the same code as ``python train.py``)."""
+    from unittest import mock
+
     from comat_lightning.cli import main
 
-    return main(args=args)
+    with mock.patch.object(sys, "argv", ["train.py"]):  # LightningCLI warns when pytest's argv is also present
+        return main(args=args)
+
+
+def instantiate_cli(args: list[str]):
+    """Parse and instantiate trainer, model, datamodule and callbacks without running a subcommand."""
+    from unittest import mock
+
+    from comat_lightning.cli import main
+
+    with mock.patch.object(sys, "argv", ["train.py"]):
+        return main(args=args, run=False)
