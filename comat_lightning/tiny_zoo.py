@@ -208,28 +208,34 @@ def _tiny_vae():
     )
 
 
+def _tiny_unet(**family_config):
+    """UNet with 8x8 latents and two resolution levels (8 and 4), seeded; the family supplies the rest."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, **family_config
+    )
+
+
+def _seeded(seed: int, build, *args):
+    torch.manual_seed(seed)
+    return build(*args)
+
+
 def _build_sd(folder: Path) -> None:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     tokenizer = _clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+    unet = _tiny_unet(
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
-        norm_num_groups=32,
     )
-    torch.manual_seed(1)
-    vae = _tiny_vae()
-    torch.manual_seed(2)
-    text_encoder = CLIPTextModel(_text_encoder_config(len(tokenizer), tokenizer))
+    vae = _seeded(1, _tiny_vae)
+    text_encoder = _seeded(2, CLIPTextModel, _text_encoder_config(len(tokenizer), tokenizer))
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -244,18 +250,12 @@ def _build_sd(folder: Path) -> None:
 
 
 def _build_sdxl(folder: Path) -> None:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
     tokenizer_2 = _clip_tokenizer(folder / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+    unet = _tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
@@ -265,14 +265,10 @@ def _build_sdxl(folder: Path) -> None:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled projection 32
-        norm_num_groups=32,
     )
-    torch.manual_seed(1)
-    vae = _tiny_vae()
-    torch.manual_seed(2)
-    text_encoder = CLIPTextModel(_text_encoder_config(len(tokenizer), tokenizer))
-    torch.manual_seed(3)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(len(tokenizer_2), tokenizer_2))
+    vae = _seeded(1, _tiny_vae)
+    text_encoder = _seeded(2, CLIPTextModel, _text_encoder_config(len(tokenizer), tokenizer))
+    text_encoder_2 = _seeded(3, CLIPTextModelWithProjection, _text_encoder_config(len(tokenizer_2), tokenizer_2))
     pipe = StableDiffusionXLPipeline(
         unet=unet,
         vae=vae,
