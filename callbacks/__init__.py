@@ -1,6 +1,7 @@
-"""Loss terms (and, later, logging callbacks) that plug into ``trainer.callbacks``."""
+"""Loss terms and training utilities that plug into ``trainer.callbacks``."""
 
 from callbacks.concept_matching import ConceptMatchingLoss
+from callbacks.lora_export import ExportLoRA
 from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds
 
-__all__ = ["ConceptMatchingLoss", "GeneratedBatch", "LossCallback", "LossNeeds"]
+__all__ = ["ConceptMatchingLoss", "ExportLoRA", "GeneratedBatch", "LossCallback", "LossNeeds"]

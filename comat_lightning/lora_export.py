@@ -1,0 +1,36 @@
+"""Write the online UNet's LoRA in diffusers' format, loadable with ``pipe.load_lora_weights(folder)``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default name, found by load_lora_weights
+
+
+def save_unet_lora(unet, family: str, folder: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Save ``unet``'s PEFT adapter as ``folder/pytorch_lora_weights.safetensors`` (with its LoRA config as
+    metadata, so a rank != alpha scale survives). Written to a temporary sibling and renamed: a folder that
+    exists is complete."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    folder = Path(folder)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        pipeline_cls.save_lora_weights(
+            tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(), weight_name=WEIGHT_NAME
+        )
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
