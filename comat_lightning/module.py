@@ -19,7 +19,6 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal, Optional
 
 import torch
@@ -151,9 +150,11 @@ class CoMatModule(LightningModule):
             )
         if self.gradient_checkpointing:
             # Non-reentrant: works with detached inputs and frozen bases, unlike the reentrant variant.
-            ckpt = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-            unet.enable_gradient_checkpointing(gradient_checkpointing_func=lambda module, *args: ckpt(module.__call__, *args))
-            backbone.vae.enable_gradient_checkpointing(gradient_checkpointing_func=lambda module, *args: ckpt(module.__call__, *args))
+            def checkpointed(module, *args):
+                return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+            unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
+            backbone.vae.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
         self.backbone = backbone
         for loss in self.losses:
             helper = loss.build(self)
@@ -174,7 +175,7 @@ class CoMatModule(LightningModule):
         optimizer, lr_schedule = self.optimizers(), self.lr_schedulers()
         # 1. Rollout with gradient through the policy's steps. The step choice is the same on every rank (so
         #    ranks do equal work); the noise differs per rank (the official code drew identical noise).
-        steps = self.gradient_steps.select(self.sampler.num_inference_steps, torch.Generator().manual_seed(self._seed(rank=0)))
+        steps = self.gradient_steps.select(self.sampler.num_inference_steps, torch.Generator().manual_seed(self._seed(rank=0) + 2**41))
         generated = self.generate(batch, seed=self._seed(rank=self.global_rank), gradient_steps=steps)
         # 2-3. Weighted loss terms from the active loss callbacks.
         terms, extras = self.loss_terms(generated)
@@ -280,6 +281,7 @@ class CoMatModule(LightningModule):
 
     def _seed(self, rank: int) -> int:
         # Distinct per (generator step, rank); a pure function of the step, so resumed runs draw the same noise.
+        # Offsets 2**40 (validation) and 2**41 (step policy) keep the other streams apart.
         return self.seed * 1_000_003 + self.generator_step * 4099 + rank
 
     # ------------------------------------------------------------------------------------------ checkpoints
