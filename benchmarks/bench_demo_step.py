@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the statistics")
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/<config>_step.json)")
     args = parser.parse_args()
+    args.config = str(Path(args.config).resolve())  # the run happens in a temporary folder
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
