@@ -59,8 +59,9 @@ def main() -> None:
                   "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"],
             run=False,
         )
-        # Measure training alone: no checkpoint writes, no logger-bound monitors.
-        cli.trainer.callbacks[:] = [cb for cb in cli.trainer.callbacks if type(cb).__name__ not in ("ModelCheckpoint", "LearningRateMonitor")]
+        # Measure training alone: no checkpoint or LoRA writes, no logger-bound monitors.
+        skipped = ("ModelCheckpoint", "ExportLoRA", "LearningRateMonitor")
+        cli.trainer.callbacks[:] = [cb for cb in cli.trainer.callbacks if type(cb).__name__ not in skipped]
         timer = StepTimer()
         cli.trainer.callbacks.append(timer)
         if torch.cuda.is_available():

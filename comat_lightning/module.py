@@ -63,6 +63,12 @@ class OptimizerConfig:
     warmup_steps: int = 0  # linear warm-up, then constant
 
 
+# Offsets that keep the seed streams apart: per-step rollout noise uses _seed(rank) directly (< 2**40 for any
+# seed < 1e6), validation and the gradient-step policy draw from their own ranges.
+_VALIDATION_SEED_OFFSET = 2**40
+_POLICY_SEED_OFFSET = 2**41
+
+
 class CoMatModule(LightningModule):
     """Args:
         pretrained_model: SD 1.x/2.x or SDXL pipeline, hub id or folder (``tiny://sd`` for the built-in demo).
@@ -175,7 +181,7 @@ class CoMatModule(LightningModule):
         optimizer, lr_schedule = self.optimizers(), self.lr_schedulers()
         # 1. Rollout with gradient through the policy's steps. The step choice is the same on every rank (so
         #    ranks do equal work); the noise differs per rank (the official code drew identical noise).
-        steps = self.gradient_steps.select(self.sampler.num_inference_steps, torch.Generator().manual_seed(self._seed(rank=0) + 2**41))
+        steps = self.gradient_steps.select(self.sampler.num_inference_steps, torch.Generator().manual_seed(self._seed(rank=0) + _POLICY_SEED_OFFSET))
         generated = self.generate(batch, seed=self._seed(rank=self.global_rank), gradient_steps=steps)
         # 2-3. Weighted loss terms from the active loss callbacks.
         terms, extras = self.loss_terms(generated)
@@ -199,7 +205,7 @@ class CoMatModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int):
         # Fixed seeds per batch index, outside the range training uses, so validation curves are comparable.
-        generated = self.generate(batch, seed=self.seed + 2**40 + batch_idx * 1_000 + self.global_rank)
+        generated = self.generate(batch, seed=self.seed + _VALIDATION_SEED_OFFSET + batch_idx * 1_000 + self.global_rank)
         terms, extras = self.loss_terms(generated)
         batch_size = len(generated.prompts)
         for name, value in {**terms, **extras}.items():
@@ -281,7 +287,6 @@ class CoMatModule(LightningModule):
 
     def _seed(self, rank: int) -> int:
         # Distinct per (generator step, rank); a pure function of the step, so resumed runs draw the same noise.
-        # Offsets 2**40 (validation) and 2**41 (step policy) keep the other streams apart.
         return self.seed * 1_000_003 + self.generator_step * 4099 + rank
 
     # ------------------------------------------------------------------------------------------ checkpoints

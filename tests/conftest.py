@@ -56,21 +56,16 @@ def make_module(path: str, losses=(), **overrides):
     return module
 
 
-def run_cli(args: list[str]):
-    """Run the real CLI in-process (the same code as ``python train.py``)."""
+def run_cli(args: list[str], run: bool = True):
+    """Run the real CLI in-process (the same code as ``python train.py``); ``run=False`` only parses and
+    instantiates trainer, model, datamodule and callbacks."""
     from unittest import mock
 
     from comat_lightning.cli import main
 
     with mock.patch.object(sys, "argv", ["train.py"]):  # LightningCLI warns when pytest's argv is also present
-        return main(args=args)
+        return main(args=args, run=run)
 
 
 def instantiate_cli(args: list[str]):
-    """Parse and instantiate trainer, model, datamodule and callbacks without running a subcommand."""
-    from unittest import mock
-
-    from comat_lightning.cli import main
-
-    with mock.patch.object(sys, "argv", ["train.py"]):
-        return main(args=args, run=False)
+    return run_cli(args, run=False)
