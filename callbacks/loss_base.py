@@ -10,11 +10,16 @@ active losses once, computes only what they need, and adds ``weight * compute(..
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from lightning.pytorch import Callback
 from torch import nn
+
+from comat_lightning.attention_capture import CaptureRequest
+
+if TYPE_CHECKING:
+    from comat_lightning.attention_capture import AttentionStore
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,7 @@ class LossNeeds:
     """What a loss reads from the rollout. The module decodes images only if some active loss asks."""
 
     decoded_image: bool = False
+    attention: Optional["CaptureRequest"] = None  # cross-attention maps to record during the rollout
 
 
 @dataclass
@@ -33,6 +39,11 @@ class GeneratedBatch:
     images: Optional[torch.Tensor]  # (B, 3, H, W) = decoded / 2 + 0.5, not clamped; None if no loss needs it
     batch: dict[str, Any] = field(default_factory=dict)  # the datamodule's batch (extra JSONL fields)
     generator: Optional[torch.Generator] = None  # for a loss's own randomness (e.g. random crops), seeded per step
+    attention: Optional["AttentionStore"] = None  # recorded cross-attention maps, if an active loss asked for them
+
+    def records(self) -> list[dict[str, Any]]:
+        """The batch as one record per sample (``{"prompt": ..., <JSONL fields>}``)."""
+        return [{key: values[i] for key, values in self.batch.items()} for i in range(len(self.prompts))]
 
 
 class LossCallback(Callback):
@@ -73,3 +84,21 @@ def active_losses(callbacks) -> list[LossCallback]:
     if duplicates:
         raise ValueError(f"two loss callbacks share the name(s) {duplicates}; give each a distinct `name`")
     return losses
+
+
+def merge_needs(losses: list[LossCallback]) -> LossNeeds:
+    """What the rollout must provide for all active losses. Losses reading attention maps must agree on the
+    capture steps (the maps come from one rollout); their layer selections are unioned."""
+    requests = [(loss.name, loss.needs.attention) for loss in losses if loss.needs.attention is not None]
+    attention = None
+    if requests:
+        first_name, first = requests[0]
+        for name, req in requests[1:]:
+            if (req.num_steps, req.with_replacement) != (first.num_steps, first.with_replacement):
+                raise ValueError(
+                    f"losses {first_name!r} and {name!r} ask for different attention capture steps "
+                    f"({first.num_steps}, with_replacement={first.with_replacement}) vs ({req.num_steps}, "
+                    f"with_replacement={req.with_replacement}); set the same num_capture_steps / capture_with_replacement"
+                )
+        attention = CaptureRequest(layers=first.layers, num_steps=first.num_steps, with_replacement=first.with_replacement)
+    return LossNeeds(decoded_image=any(loss.needs.decoded_image for loss in losses), attention=attention)

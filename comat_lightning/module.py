@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
@@ -26,41 +24,11 @@ from jsonargparse import lazy_instance
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds, active_losses
+from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds, active_losses, merge_needs
+from comat_lightning.attention_capture import AttentionStore, choose_capture_steps, install_capture, select_layers
 from comat_lightning.diffusion_model import Conditioning, DiffusionBackbone, ModelFamily
+from comat_lightning.options import LoraConfig, OptimizerConfig, SamplerConfig, check_options, check_resolution
 from comat_lightning.rollout import EvenlySpacedSteps, GradientStepPolicy, initial_noise, sample_latents
-
-
-@dataclass
-class SamplerConfig:
-    """The online model's rollout. Defaults are the published CoMat settings."""
-
-    resolution: int = 512  # both SD1.5 and SDXL are fine-tuned at 512 px in the paper
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: str = "DDPMScheduler"  # stochastic, as the paper; any diffusers scheduler class name works
-    detach_unet_input: bool = False  # True = SDXL official (UNet input detached at gradient steps)
-
-
-@dataclass
-class LoraConfig:
-    """LoRA on the online UNet. alpha = rank gives scale 1.0, as the paper."""
-
-    rank: int = 128
-    alpha: Optional[float] = None  # None: same as rank
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-
-
-@dataclass
-class OptimizerConfig:
-    """Generator optimizer (AdamW). Published: lr 5e-5 (SD1.5) / 2e-5 (SDXL), constant LR."""
-
-    lr: float = 5e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-2
-    eps: float = 1e-8
-    grad_clip: Optional[float] = 0.1  # max gradient norm; None disables clipping
-    warmup_steps: int = 0  # linear warm-up, then constant
 
 
 # Offsets that keep the seed streams apart: per-step rollout noise uses _seed(rank) directly (< 2**40 for any
@@ -103,7 +71,7 @@ class CoMatModule(LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        _check_options(sampler, gradient_steps, lora, optimizer, finetune)
+        check_options(sampler, gradient_steps, lora, optimizer, finetune)
         self.model_source = dict(path=pretrained_model, unet_path=unet_path, vae_path=vae_path, family=model_family, revision=revision, variant=variant)
         self.sampler = sampler
         self.gradient_steps = gradient_steps
@@ -120,6 +88,7 @@ class CoMatModule(LightningModule):
         self.loss_modules = nn.ModuleDict()
         self.losses: list[LossCallback] = []
         self.needs = LossNeeds()
+        self.attention_store = AttentionStore()  # cross-attention maps of the current step (only if a loss asks)
         self._empty_prompt: Optional[Conditioning] = None
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -131,13 +100,13 @@ class CoMatModule(LightningModule):
                 "no loss callback is active: add at least one under trainer.callbacks, e.g.\n"
                 "  - class_path: callbacks.ConceptMatchingLoss\n    init_args: {captioner: Salesforce/blip-image-captioning-large}"
             )
-        self.needs = LossNeeds(decoded_image=any(loss.needs.decoded_image for loss in self.losses))
+        self.needs = merge_needs(self.losses)
 
     def configure_model(self) -> None:
         if self.backbone is not None:  # Lightning may call this once per stage
             return
         backbone = DiffusionBackbone.from_pretrained(**self.model_source)
-        _check_resolution(self.sampler.resolution, backbone)
+        check_resolution(self.sampler.resolution, backbone)
         backbone.requires_grad_(False)
         unet = backbone.unet
         if self.finetune == "full":
@@ -162,10 +131,21 @@ class CoMatModule(LightningModule):
             unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
             backbone.vae.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
         self.backbone = backbone
+        self._install_attention_capture()
         for loss in self.losses:
             helper = loss.build(self)
             if helper is not None:
                 self.loss_modules[loss.name] = helper.requires_grad_(False)
+
+    def _install_attention_capture(self) -> None:
+        """Explicit-softmax processors on the union of the layers the active losses read; SDPA elsewhere."""
+        request = self.needs.attention
+        if request is None:
+            return
+        latent_size = self.sampler.resolution // self.backbone.vae_scale_factor
+        selections = [loss.needs.attention.layers for loss in self.losses if loss.needs.attention is not None]
+        layers = {layer.name: layer for sel in selections for layer in select_layers(self.backbone.unet, sel, latent_size)}
+        install_capture(self.backbone.unet, list(layers.values()), self.attention_store)
 
     def configure_optimizers(self):
         cfg = self.optimizer_config
@@ -181,17 +161,21 @@ class CoMatModule(LightningModule):
         optimizer, lr_schedule = self.optimizers(), self.lr_schedulers()
         # 1. Rollout with gradient through the policy's steps. The step choice is the same on every rank (so
         #    ranks do equal work); the noise differs per rank (the official code drew identical noise).
-        steps = self.gradient_steps.select(self.sampler.num_inference_steps, torch.Generator().manual_seed(self._seed(rank=0) + _POLICY_SEED_OFFSET))
-        generated = self.generate(batch, seed=self._seed(rank=self.global_rank), gradient_steps=steps)
+        #    Cross-attention maps (if a loss reads them) are recorded at a few of those steps.
+        steps, capture = self.choose_steps(torch.Generator().manual_seed(self._seed(rank=0) + _POLICY_SEED_OFFSET))
+        generated = self.generate(batch, seed=self._seed(rank=self.global_rank), gradient_steps=steps, capture_steps=capture)
         # 2-3. Weighted loss terms from the active loss callbacks.
         terms, extras = self.loss_terms(generated)
         loss = torch.stack(list(terms.values())).sum()
-        # 4. Generator update.
+        # 4. Generator update. A loss with no graph (e.g. attribute concentration alone on a batch where no entity
+        #    was found) has nothing to back-propagate: the step is then a no-op for the weights, but still counts.
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if self.optimizer_config.grad_clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.optimizer_config.grad_clip, gradient_clip_algorithm="norm")
+        if loss.requires_grad:
+            self.manual_backward(loss)
+            if self.optimizer_config.grad_clip is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.optimizer_config.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
+        self.attention_store.clear()  # release the maps (and the graph they hold) before the next step
         lr_schedule.step()
         self.generator_step += 1
 
@@ -205,8 +189,11 @@ class CoMatModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int):
         # Fixed seeds per batch index, outside the range training uses, so validation curves are comparable.
-        generated = self.generate(batch, seed=self.seed + _VALIDATION_SEED_OFFSET + batch_idx * 1_000 + self.global_rank)
+        seed = self.seed + _VALIDATION_SEED_OFFSET + batch_idx * 1_000
+        _, capture = self.choose_steps(torch.Generator().manual_seed(seed))  # maps at the steps training would use
+        generated = self.generate(batch, seed=seed + self.global_rank, capture_steps=capture)
         terms, extras = self.loss_terms(generated)
+        self.attention_store.clear()
         batch_size = len(generated.prompts)
         for name, value in {**terms, **extras}.items():
             self.log(f"val/{name}", value, on_epoch=True, sync_dist=True, batch_size=batch_size)
@@ -223,15 +210,34 @@ class CoMatModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------ sampling
 
-    def generate(self, batch: dict, seed: int, gradient_steps=()) -> GeneratedBatch:
-        """Roll out the online model for ``batch["prompt"]``; decode if an active loss needs pixels."""
+    def choose_steps(self, generator: torch.Generator) -> tuple[list[int], list[int]]:
+        """(gradient steps, the subset whose cross-attention maps are recorded) for one rollout."""
+        steps = self.gradient_steps.select(self.sampler.num_inference_steps, generator)
+        request = self.needs.attention
+        if request is None:
+            return steps, []
+        return steps, choose_capture_steps(steps, request.num_steps, request.with_replacement, generator)
+
+    def generate(self, batch: dict, seed: int, gradient_steps=(), capture_steps=()) -> GeneratedBatch:
+        """Roll out the online model for ``batch["prompt"]``; decode if an active loss needs pixels; record the
+        conditional pass's cross-attention maps at ``capture_steps``."""
         prompts = list(batch["prompt"])
         generator = torch.Generator().manual_seed(seed)
-        latents = self.sample(prompts, generator, gradient_steps=gradient_steps)
-        images = self.decode(latents) if self.needs.decoded_image else None
-        return GeneratedBatch(prompts=prompts, latents=latents, images=images, batch=batch, generator=generator)
+        store = self.attention_store
+        store.clear()
+        capture_steps = set(capture_steps)
 
-    def sample(self, prompts: list[str], generator: torch.Generator, gradient_steps=(), unet: Optional[nn.Module] = None) -> torch.Tensor:
+        def record(step: int, carries_grad: bool):
+            return store.recording(step, part="cond") if step in capture_steps else contextlib.nullcontext()
+
+        latents = self.sample(prompts, generator, gradient_steps=gradient_steps, step_hook=record if capture_steps else None)
+        images = self.decode(latents) if self.needs.decoded_image else None
+        attention = store if self.needs.attention is not None else None
+        return GeneratedBatch(prompts=prompts, latents=latents, images=images, batch=batch, generator=generator, attention=attention)
+
+    def sample(
+        self, prompts: list[str], generator: torch.Generator, gradient_steps=(), unet: Optional[nn.Module] = None, step_hook=None
+    ) -> torch.Tensor:
         """Final latents (B, 4, h, w), fp32. ``unet`` defaults to the online UNet."""
         backbone, cfg = self.backbone, self.sampler
         scheduler = self.make_scheduler()  # a fresh instance: schedulers keep per-rollout state
@@ -248,6 +254,7 @@ class CoMatModule(LightningModule):
             generator=generator,
             gradient_steps=gradient_steps,
             detach_unet_input=cfg.detach_unet_input,
+            step_hook=step_hook,
         )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -316,44 +323,6 @@ class CoMatModule(LightningModule):
                 if frozen is not None:
                     frozen.eval()
         return self
-
-
-def _check_options(sampler: SamplerConfig, gradient_steps: GradientStepPolicy, lora: LoraConfig, optimizer: OptimizerConfig, finetune: str) -> None:
-    """Refuse bad values before anything is loaded; each message names the option."""
-    import diffusers
-
-    problems = []
-    if sampler.resolution <= 0 or sampler.resolution % 8:
-        problems.append(f"model.sampler.resolution={sampler.resolution}: must be a positive multiple of 8 (the VAE factor)")
-    if sampler.num_inference_steps < 1:
-        problems.append(f"model.sampler.num_inference_steps={sampler.num_inference_steps}: must be >= 1")
-    if sampler.num_inference_steps >= 1:
-        try:  # e.g. K gradient steps > num_inference_steps
-            gradient_steps.select(sampler.num_inference_steps, torch.Generator().manual_seed(0))
-        except ValueError as err:
-            problems.append(f"model.gradient_steps: {err}")
-    if not math.isfinite(sampler.guidance_scale) or sampler.guidance_scale < 0:
-        problems.append(f"model.sampler.guidance_scale={sampler.guidance_scale}: must be a finite number >= 0")
-    scheduler_cls = getattr(diffusers, sampler.scheduler, None)
-    if scheduler_cls is None or not hasattr(scheduler_cls, "set_timesteps"):
-        problems.append(f"model.sampler.scheduler={sampler.scheduler!r}: not a diffusers scheduler class (e.g. DDPMScheduler)")
-    if finetune == "lora" and lora.rank < 1:
-        problems.append(f"model.lora.rank={lora.rank}: must be >= 1")
-    if finetune == "lora" and not lora.target_modules:
-        problems.append("model.lora.target_modules: empty; name at least one module (e.g. to_q)")
-    if not optimizer.lr > 0:
-        problems.append(f"model.optimizer.lr={optimizer.lr}: must be > 0")
-    if optimizer.grad_clip is not None and not optimizer.grad_clip > 0:
-        problems.append(f"model.optimizer.grad_clip={optimizer.grad_clip}: must be > 0 (or null to disable)")
-    if optimizer.weight_decay < 0:
-        problems.append(f"model.optimizer.weight_decay={optimizer.weight_decay}: must be >= 0")
-    if problems:
-        raise ValueError("invalid options:\n  " + "\n  ".join(problems))
-
-
-def _check_resolution(resolution: int, backbone: DiffusionBackbone) -> None:
-    if resolution % backbone.vae_scale_factor:
-        raise ValueError(f"model.sampler.resolution={resolution} is not divisible by this VAE's factor {backbone.vae_scale_factor}")
 
 
 __all__ = ["CoMatModule", "SamplerConfig", "LoraConfig", "OptimizerConfig"]

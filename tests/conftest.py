@@ -39,6 +39,7 @@ def _deterministic():
 
 def make_module(path: str, losses=(), **overrides):
     """A CoMatModule on a tiny model, models loaded, attached to a minimal trainer-free setup."""
+    from callbacks.loss_base import merge_needs
     from comat_lightning.module import CoMatModule, SamplerConfig
     from comat_lightning.rollout import EvenlySpacedSteps
 
@@ -51,7 +52,7 @@ def make_module(path: str, losses=(), **overrides):
     kwargs.update(overrides)
     module = CoMatModule(**kwargs)
     module.losses = list(losses)
-    module.needs = type(module.needs)(decoded_image=any(loss.needs.decoded_image for loss in losses))
+    module.needs = merge_needs(module.losses)
     module.configure_model()
     return module
 
