@@ -1,7 +1,8 @@
 """Loss terms and training utilities that plug into ``trainer.callbacks``."""
 
+from callbacks.attribute_concentration import AttributeConcentrationLoss
 from callbacks.concept_matching import ConceptMatchingLoss
 from callbacks.lora_export import ExportLoRA
 from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds
 
-__all__ = ["ConceptMatchingLoss", "ExportLoRA", "GeneratedBatch", "LossCallback", "LossNeeds"]
+__all__ = ["AttributeConcentrationLoss", "ConceptMatchingLoss", "ExportLoRA", "GeneratedBatch", "LossCallback", "LossNeeds"]

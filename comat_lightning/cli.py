@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -15,6 +16,28 @@ class CoMatCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The datamodule reads the tokenizer of the model being trained to report over-long prompts.
         parser.link_arguments("model.pretrained_model", "data.tokenizer_model")
+
+    def before_instantiate_classes(self) -> None:
+        name_runs_after_config(self.config.get(self.subcommand) if self.subcommand else self.config)
+
+
+def name_runs_after_config(config) -> None:
+    """Runs are named after their (last) config file unless the config names them: a TensorBoard logger without
+    a name logs to ``<save_dir>/<config stem>/version_N`` and a ModelCheckpoint without a dirpath writes to
+    ``<save_dir>/<config stem>/checkpoints``, a fixed folder, so ``--ckpt_path last`` finds the run's last
+    checkpoint from a new process. Two configs that differ only in their callbacks (an ablation) thus never share
+    a checkpoint folder."""
+    files = [f for f in (config.get("config") or []) if f]
+    trainer = config.get("trainer")
+    logger = trainer.get("logger") if trainer is not None else None
+    if not files or not hasattr(logger, "class_path") or not str(logger.class_path).endswith("TensorBoardLogger"):
+        return
+    init = logger.init_args
+    if init.get("name") in (None, "lightning_logs"):
+        init.name = Path(str(files[-1])).stem
+    for callback in trainer.get("callbacks") or []:
+        if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
+            callback.init_args.dirpath = str(Path(init.get("save_dir") or ".") / init.name / "checkpoints")
 
 
 def main(args=None, run: bool = True) -> CoMatCLI:

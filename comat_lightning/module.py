@@ -318,7 +318,8 @@ class CoMatModule(LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.backbone is not None:  # frozen parts never train: no dropout, no batch-stat updates
+        self.loss_modules.eval()  # frozen judges (captioner, detectors) never train: no dropout, no batch stats
+        if self.backbone is not None:
             for frozen in (self.backbone.vae, self.backbone.text_encoders, self.base_unet):
                 if frozen is not None:
                     frozen.eval()

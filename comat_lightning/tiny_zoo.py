@@ -4,9 +4,10 @@ No model hub is reachable where this project is built and tested, so tests and t
 from configs with fixed seeds, written with ``save_pretrained`` in the hub's folder layout, and then loaded back
 through exactly the same ``from_pretrained`` code a real user's hub id or folder takes.
 
-A config names them as ``tiny://sd``, ``tiny://sdxl`` or ``tiny://blip``; :func:`resolve_model_path` builds the
+A config names them as ``tiny://sd``, ``tiny://sdxl``, ``tiny://blip``, ``tiny://grounding-dino`` or ``tiny://sam``
+(the last two built in :mod:`comat_lightning.tiny_detection_zoo`); :func:`resolve_model_path` builds the
 folder on first use (atomically: a half-built folder is never visible) under ``$COMAT_TINY_ZOO`` or
-``~/.cache/comat_lightning/tiny_zoo`` and returns its path. Building all three takes about a second.
+``~/.cache/comat_lightning/tiny_zoo`` and returns its path. Building all five takes about two seconds.
 
 Both tokenizers are hand-made but real: a byte-level BPE in CLIP's format (any text tokenizes; the words in
 ``WORDS`` are single tokens, other words split into several pieces) and a WordPiece vocab in BERT's format
@@ -25,9 +26,10 @@ from pathlib import Path
 import torch
 
 TINY_SCHEME = "tiny://"
-# The cache key is a hash of this file: any change to a builder invalidates previously built models.
-ZOO_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-TINY_MODELS = ("sd", "sdxl", "blip")
+# The cache key is a hash of the builders' files: any change to a builder invalidates previously built models.
+_BUILDER_FILES = (Path(__file__), Path(__file__).with_name("tiny_detection_zoo.py"))
+ZOO_VERSION = hashlib.sha256(b"".join(f.read_bytes() for f in _BUILDER_FILES)).hexdigest()[:12]
+TINY_MODELS = ("sd", "sdxl", "blip", "grounding-dino", "sam")
 
 # Words that get a token of their own. Prompts may use any other word: it is split into pieces.
 WORDS = """
@@ -96,7 +98,11 @@ def build_tiny_model(name: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        {"sd": _build_sd, "sdxl": _build_sdxl, "blip": _build_blip}[name](tmp)
+        from .tiny_detection_zoo import build_grounding_dino, build_sam
+
+        builders = {"sd": _build_sd, "sdxl": _build_sdxl, "blip": _build_blip}
+        builders.update({"grounding-dino": build_grounding_dino, "sam": build_sam})
+        builders[name](tmp)
         (tmp / ".complete").write_text(ZOO_VERSION)
         try:
             os.rename(tmp, target)

@@ -2,6 +2,8 @@
 
 Files are ``.txt`` (one prompt per line) or ``.jsonl`` (one JSON object per line with a ``"prompt"`` string; any
 other fields, e.g. precomputed entity parses or a real-latent reference, are carried into the batch as lists).
+An optional ``"entities"`` field (hand-written or from ``python -m comat_lightning.prepare_entities``) is checked
+against its prompt when the file is read.
 Bad files fail with a message naming the file and line; blank lines are skipped and counted.
 """
 
@@ -15,6 +17,8 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+
+from comat_lightning.prompt_parsing import entities_from_json
 
 
 class PromptFileError(ValueError):
@@ -52,6 +56,12 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(record["prompt"], str) or not record["prompt"].strip():
             raise PromptFileError(f"{path}:{number}: \"prompt\" must be a non-empty string, got {record['prompt']!r}")
         record["prompt"] = record["prompt"].strip()
+        if record.get("entities") is not None:
+            # Checked here, against the prompt, so that a typo fails at load time with its line, not mid-training.
+            try:
+                entities_from_json(record["prompt"], record["entities"])
+            except ValueError as err:
+                raise PromptFileError(f"{path}:{number}: bad \"entities\": {err}") from None
         records.append(record)
     if not records:
         raise PromptFileError(f"{path}: no prompts (the file is empty or has only blank lines)")

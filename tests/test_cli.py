@@ -19,7 +19,18 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def test_configs_exist():
-    assert {p.name for p in CONFIGS} >= {"demo.yaml", "demo_sdxl.yaml", "comat_sd15.yaml", "comat_sdxl.yaml"}
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "demo_no_attribute.yaml", "demo_sdxl.yaml", "comat_sd15.yaml", "comat_sdxl.yaml"}
+
+
+def test_ablation_config_differs_from_the_demo_only_by_the_removed_callback_lines():
+    import difflib
+
+    demo = (REPO / "configs" / "demo.yaml").read_text().splitlines()
+    ablation = (REPO / "configs" / "demo_no_attribute.yaml").read_text().splitlines()
+    diff = [line for line in difflib.ndiff(demo, ablation) if line[:2] in ("- ", "+ ")]
+    assert diff and all(line.startswith("- ") for line in diff)  # only removals
+    removed = yaml.safe_load("\n".join(line[2:] for line in diff))
+    assert len(removed) == 1 and removed[0]["class_path"] == "callbacks.AttributeConcentrationLoss"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -58,6 +69,9 @@ def test_published_configs_carry_the_published_hyperparameters(name, lr, batch, 
     assert cfg["data"]["batch_size"] == batch
     captioner = [c for c in trainer["callbacks"] if c["class_path"].endswith("ConceptMatchingLoss")]
     assert captioner[0]["init_args"]["captioner"] == "Salesforce/blip-image-captioning-large"
+    (attribute,) = [c["init_args"] for c in trainer["callbacks"] if c["class_path"].endswith("AttributeConcentrationLoss")]
+    assert attribute["token_weight"] == 1e-3 and attribute["pixel_weight"] == 5e-5 and attribute["num_capture_steps"] == 2
+    assert attribute["masks"]["init_args"]["box_threshold"] == 0.3 and attribute["masks"]["init_args"]["text_threshold"] == 0.25
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -84,13 +98,17 @@ def test_train_py_demo_logs_checkpoints_and_resumes(tmp_path):
     (tmp_path / "data").symlink_to(REPO / "data")  # the config's relative prompt paths
     _train_py(tmp_path, "--trainer.max_steps=10", "--trainer.val_check_interval=5")
     first = _scalars(tmp_path / "runs" / "demo" / "version_0")
-    for tag in ("train/loss", "train/concept_matching", "train/lr", "train/generator_step", "val/concept_matching"):
+    tags = ("train/loss", "train/concept_matching", "train/lr", "train/generator_step", "val/concept_matching",
+            "train/attribute_concentration", "train/attribute_concentration/token", "train/attribute_concentration/pixel",
+            "val/attribute_concentration")  # fmt: skip
+    for tag in tags:
         assert tag in first and all(math.isfinite(v) for _, v in first[tag]), tag
     losses = [v for _, v in first["train/concept_matching"]]
     assert len(losses) == 10 and len(set(losses)) > 1
     val = [v for _, v in sorted(first["val/concept_matching"])]
     assert len(val) == 2 and val[1] != val[0]  # same validation seeds, so the change is the model's
     assert [v for _, v in first["train/generator_step"]] == [float(i) for i in range(1, 11)]
+    assert all(v > 0 for _, v in first["train/attribute_concentration/entities"])  # the demo's masks are found
 
     ckpt_dir = tmp_path / "runs" / "demo" / "checkpoints"
     last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
@@ -111,7 +129,7 @@ def test_sdxl_demo_trains_through_the_cli(tmp_path, monkeypatch):
     cli = run_cli(["fit", "--config", str(REPO / "configs" / "demo_sdxl.yaml"), "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
     assert cli.model.generator_step == 2 and cli.model.backbone.family == "sdxl"
     scalars = _scalars(tmp_path / "runs" / "demo_sdxl" / "version_0")
-    assert len(scalars["train/concept_matching"]) == 2
+    assert len(scalars["train/concept_matching"]) == 2 and len(scalars["train/attribute_concentration/token"]) == 2
     assert all(math.isfinite(v) for _, v in scalars["train/concept_matching"] + scalars["val/concept_matching"])
 
 
