@@ -33,7 +33,8 @@ from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds
 from comat_lightning.attention_capture import Block, CaptureRequest, LayerSelection
 from comat_lightning.grounded_sam import GroundedSAMMasks
 from comat_lightning.masks import MaskProvider
-from comat_lightning.prompt_parsing import AlignedEntity, EntityParser, align_entities
+from comat_lightning.prompt_parsing import EntityParser
+from comat_lightning.token_alignment import AlignedEntity, align_entities
 
 # Nouns without object extent: a detector box for them is the whole image, which teaches nothing.
 BACKGROUND_WORDS = (

@@ -88,7 +88,8 @@ def test_entity_losses_layer_reduction_and_resolution_average():
 
 
 def test_duplicate_nouns_and_background_words_are_dropped():
-    from comat_lightning.prompt_parsing import AlignedEntity, Entity, Word
+    from comat_lightning.prompt_parsing import Entity, Word
+    from comat_lightning.token_alignment import AlignedEntity
 
     def aligned(noun, start):
         return AlignedEntity(entity=Entity(noun=Word(noun, start), attributes=(Word("red", 0),)), noun_positions=(start,), attribute_positions=(1,))

@@ -14,14 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from comat_lightning.prompt_parsing import (
-    AlignedEntity,
-    Entity,
-    EntityParser,
-    Word,
-    align_entities,
-    entities_from_json,
-)
+from comat_lightning.prompt_parsing import Entity, EntityParser, Word, entities_from_json
+from comat_lightning.token_alignment import AlignedEntity, align_entities
 
 REPO = Path(__file__).resolve().parents[1]
 
