@@ -2,7 +2,8 @@
 
 from callbacks.attribute_concentration import AttributeConcentrationLoss
 from callbacks.concept_matching import ConceptMatchingLoss
+from callbacks.fidelity_preservation import FidelityPreservationLoss
 from callbacks.lora_export import ExportLoRA
-from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds
+from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossCallback, LossNeeds
 
-__all__ = ["AttributeConcentrationLoss", "ConceptMatchingLoss", "ExportLoRA", "GeneratedBatch", "LossCallback", "LossNeeds"]
+__all__ = ["AttributeConcentrationLoss", "ConceptMatchingLoss", "FidelityPreservationLoss", "ExportLoRA", "AdversarialLoss", "GeneratedBatch", "LossCallback", "LossNeeds"]

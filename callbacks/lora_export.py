@@ -1,4 +1,4 @@
-"""Export the trained LoRA in diffusers' format when training ends."""
+"""Export the generator's LoRA in diffusers' format at every checkpoint and when training ends."""
 
 from __future__ import annotations
 
@@ -9,20 +9,41 @@ from lightning.pytorch import Callback
 
 
 class ExportLoRA(Callback):
-    """At the end of ``fit``, write ``<dirpath>/pytorch_lora_weights.safetensors`` (diffusers format).
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers format) for ``pipe.load_lora_weights(folder)`` on the
+    same base model:
 
-    Use it with ``pipe.load_lora_weights(dirpath)`` on the same base model. ``dirpath`` defaults to
-    ``<log dir>/lora``. Only rank 0 writes (every rank holds the same LoRA under DDP).
+    - at the end of ``fit``: ``<dirpath>/``;
+    - whenever a checkpoint is saved (``at_checkpoints``): ``<dirpath>_checkpoints/step_<generator step>/``, so
+      every checkpoint has a LoRA you can sample with directly.
+
+    ``dirpath`` defaults to ``<log dir>/lora``. Only the generator's adapter is written (never the
+    discriminator's). Only rank 0 writes (every rank holds the same LoRA under DDP). Each folder is written to a
+    temporary sibling and renamed, so a folder that exists is complete.
     """
 
-    def __init__(self, dirpath: Optional[str] = None):
+    def __init__(self, dirpath: Optional[str] = None, at_checkpoints: bool = True):
         self.dirpath = dirpath
+        self.at_checkpoints = at_checkpoints
         self.last_export: Optional[Path] = None
+        self._exported_step: Optional[int] = None
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def _target(self, trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "lora"
+
+    def _export(self, trainer, pl_module, target: Path) -> None:
         if pl_module.finetune != "lora" or not trainer.is_global_zero:
             return
         from comat_lightning.lora_export import save_unet_lora
 
-        target = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "lora"
         self.last_export = save_unet_lora(pl_module.backbone.unet, pl_module.backbone.family, target)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        step = pl_module.generator_step
+        if not self.at_checkpoints or step == self._exported_step:  # e.g. `last.ckpt` saved beside a step checkpoint
+            return
+        self._exported_step = step
+        target = self._target(trainer)
+        self._export(trainer, pl_module, target.with_name(target.name + "_checkpoints") / f"step_{step}")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._export(trainer, pl_module, self._target(trainer))

@@ -40,6 +40,7 @@ class GeneratedBatch:
     batch: dict[str, Any] = field(default_factory=dict)  # the datamodule's batch (extra JSONL fields)
     generator: Optional[torch.Generator] = None  # for a loss's own randomness (e.g. random crops), seeded per step
     attention: Optional["AttentionStore"] = None  # recorded cross-attention maps, if an active loss asked for them
+    seed: int = 0  # the rollout's noise seed (a loss may derive its own seeded streams from it)
 
     def records(self) -> list[dict[str, Any]]:
         """The batch as one record per sample (``{"prompt": ..., <JSONL fields>}``)."""
@@ -71,18 +72,39 @@ class LossCallback(Callback):
         raise NotImplementedError
 
 
+class AdversarialLoss(LossCallback):
+    """A loss with a critic that trains too. ``compute`` is the generator's term (the module runs it with the
+    critic's parameters frozen); after each generator step the module runs one critic step on
+    :meth:`discriminator_loss` with the critic's own optimizer. At most one adversarial loss may be active."""
+
+    grad_clip: Optional[float] = 1.0
+
+    def discriminator_parameters(self, pl_module) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def configure_discriminator_optimizer(self, params: list[nn.Parameter]):
+        """Return ``(optimizer, lr_scheduler)`` for the critic's parameters."""
+        raise NotImplementedError
+
+    def discriminator_loss(self, pl_module, generated: GeneratedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
 def _snake_case(name: str) -> str:
     out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
     return out.removesuffix("_loss")
 
 
 def active_losses(callbacks) -> list[LossCallback]:
-    """The loss callbacks among a trainer's callbacks; refuses two with the same name."""
+    """The loss callbacks among a trainer's callbacks; refuses two with the same name or two adversarial ones."""
     losses = [cb for cb in callbacks if isinstance(cb, LossCallback)]
     names = [loss.name for loss in losses]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"two loss callbacks share the name(s) {duplicates}; give each a distinct `name`")
+    adversarial = [loss.name for loss in losses if isinstance(loss, AdversarialLoss)]
+    if len(adversarial) > 1:
+        raise ValueError(f"at most one adversarial loss can be active (one discriminator step per generator step), got {adversarial}")
     return losses
 
 

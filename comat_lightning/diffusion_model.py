@@ -43,6 +43,10 @@ class Conditioning:
         rep = lambda t: None if t is None else t.expand(batch_size, *t.shape[1:])  # noqa: E731
         return Conditioning(rep(self.embeds), rep(self.pooled), rep(self.time_ids))
 
+    def to(self, device) -> "Conditioning":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Conditioning(move(self.embeds), move(self.pooled), move(self.time_ids))
+
     @staticmethod
     def cat(first: "Conditioning", second: "Conditioning") -> "Conditioning":
         cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731

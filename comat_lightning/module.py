@@ -24,10 +24,12 @@ from jsonargparse import lazy_instance
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds, active_losses, merge_needs
+from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossCallback, LossNeeds, active_losses, merge_needs
+from comat_lightning.adapters import checkpoint_keeping_adapters, using_adapter
 from comat_lightning.attention_capture import AttentionStore, choose_capture_steps, install_capture, select_layers
 from comat_lightning.diffusion_model import Conditioning, DiffusionBackbone, ModelFamily
 from comat_lightning.options import LoraConfig, OptimizerConfig, SamplerConfig, check_options, check_resolution
+from comat_lightning.training_state import capture_rng_states, restore_rng_states, use_atomic_checkpoint_io
 from comat_lightning.rollout import EvenlySpacedSteps, GradientStepPolicy, initial_noise, sample_latents
 
 
@@ -101,6 +103,14 @@ class CoMatModule(LightningModule):
                 "  - class_path: callbacks.ConceptMatchingLoss\n    init_args: {captioner: Salesforce/blip-image-captioning-large}"
             )
         self.needs = merge_needs(self.losses)
+        adversary = self.adversary
+        precision = str(self.trainer.precision)
+        if adversary is not None and precision.startswith("16"):
+            raise ValueError(
+                f"trainer.precision={precision}: fp16 loss scaling is not supported with {type(adversary).__name__} "
+                "(its discriminator step bypasses the gradient scaler); use bf16-mixed or 32-true"
+            )
+        use_atomic_checkpoint_io(self.trainer)
 
     def configure_model(self) -> None:
         if self.backbone is not None:  # Lightning may call this once per stage
@@ -124,18 +134,22 @@ class CoMatModule(LightningModule):
                 )
             )
         if self.gradient_checkpointing:
-            # Non-reentrant: works with detached inputs and frozen bases, unlike the reentrant variant.
-            def checkpointed(module, *args):
-                return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
-
-            unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
-            backbone.vae.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
+            # Non-reentrant (works with detached inputs and frozen bases); re-runs use the adapter their forward used.
+            unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_keeping_adapters)
+            backbone.vae.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_keeping_adapters)
         self.backbone = backbone
         self._install_attention_capture()
         for loss in self.losses:
             helper = loss.build(self)
             if helper is not None:
                 self.loss_modules[loss.name] = helper.requires_grad_(False)
+        if self.adversary is not None:  # the discriminator's LoRA and head are the only helper weights that train
+            for param in self.adversary.discriminator_parameters(self):
+                param.requires_grad_(True)
+
+    @property
+    def adversary(self) -> Optional[AdversarialLoss]:
+        return next((loss for loss in self.losses if isinstance(loss, AdversarialLoss)), None)
 
     def _install_attention_capture(self) -> None:
         """Explicit-softmax processors on the union of the layers the active losses read; SDPA elsewhere."""
@@ -149,16 +163,40 @@ class CoMatModule(LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optimizer_config
-        params = [p for p in self.parameters() if p.requires_grad]
+        critic = self.adversary.discriminator_parameters(self) if self.adversary is not None else []
+        critic_ids = {id(p) for p in critic}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in critic_ids]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
         warmup = max(cfg.warmup_steps, 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-        return [optimizer], [schedule]
+        if not critic:
+            return [optimizer], [schedule]
+        critic_optimizer, critic_schedule = self.adversary.configure_discriminator_optimizer(critic)
+        return [optimizer, critic_optimizer], [schedule, critic_schedule]
 
     # ------------------------------------------------------------------------------------------ training
 
     def training_step(self, batch: dict, batch_idx: int):
-        optimizer, lr_schedule = self.optimizers(), self.lr_schedulers()
+        optimizers, schedules = self.optimizers(), self.lr_schedulers()
+        optimizer, lr_schedule = (optimizers[0], schedules[0]) if isinstance(optimizers, list) else (optimizers, schedules)
+        # Generator phase: only the generator's weights require grad (the discriminator is frozen for its term).
+        with self.toggled_optimizer(optimizer) if isinstance(optimizers, list) else contextlib.nullcontext():
+            loss, generated, logs = self._generator_step(batch, optimizer, lr_schedule)
+        self.generator_step += 1
+        # Discriminator phase (adversarial loss only), on the detached fake and the real latents.
+        if isinstance(optimizers, list):
+            with self.toggled_optimizer(optimizers[1]):
+                logs.update(self._discriminator_step(generated, optimizers[1], schedules[1]))
+        self.attention_store.clear()  # release the maps (and the graph they hold) before the next step
+
+        batch_size = len(generated.prompts)
+        for name, value in logs.items():
+            self.log(f"train/{name}", value, prog_bar=name in ("loss", *(loss.name for loss in self.losses)), batch_size=batch_size)
+        self.log("train/lr", lr_schedule.get_last_lr()[0], batch_size=batch_size)
+        self.log("train/generator_step", float(self.generator_step), batch_size=batch_size)
+        return loss
+
+    def _generator_step(self, batch: dict, optimizer, lr_schedule):
         # 1. Rollout with gradient through the policy's steps. The step choice is the same on every rank (so
         #    ranks do equal work); the noise differs per rank (the official code drew identical noise).
         #    Cross-attention maps (if a loss reads them) are recorded at a few of those steps.
@@ -175,17 +213,25 @@ class CoMatModule(LightningModule):
             if self.optimizer_config.grad_clip is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=self.optimizer_config.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
-        self.attention_store.clear()  # release the maps (and the graph they hold) before the next step
+        optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step (memory)
         lr_schedule.step()
-        self.generator_step += 1
+        logs = {"loss": loss.detach(), **{name: value.detach() for name, value in {**terms, **extras}.items()}}
+        return loss.detach(), generated, logs
 
-        batch_size = len(generated.prompts)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        for name, value in {**terms, **extras}.items():
-            self.log(f"train/{name}", value.detach(), prog_bar=name in terms, batch_size=batch_size)
-        self.log("train/lr", lr_schedule.get_last_lr()[0], batch_size=batch_size)
-        self.log("train/generator_step", float(self.generator_step), batch_size=batch_size)
-        return loss.detach()
+    def _discriminator_step(self, generated: GeneratedBatch, optimizer, lr_schedule) -> dict[str, torch.Tensor]:
+        adversary = self.adversary
+        loss, extras = adversary.discriminator_loss(self, generated)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if adversary.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=adversary.grad_clip, gradient_clip_algorithm="norm")
+        # The plain torch optimizer steps: Lightning's wrapper would count this as a training step, and
+        # `trainer.max_steps`, checkpoint and logging intervals then would no longer count generator steps.
+        optimizer.optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_schedule.step()
+        prefix = f"{adversary.name}/discriminator"
+        return {prefix: loss.detach(), **{f"{prefix}_{k}": v.detach() for k, v in extras.items()}}
 
     def validation_step(self, batch: dict, batch_idx: int):
         # Fixed seeds per batch index, outside the range training uses, so validation curves are comparable.
@@ -233,7 +279,9 @@ class CoMatModule(LightningModule):
         latents = self.sample(prompts, generator, gradient_steps=gradient_steps, step_hook=record if capture_steps else None)
         images = self.decode(latents) if self.needs.decoded_image else None
         attention = store if self.needs.attention is not None else None
-        return GeneratedBatch(prompts=prompts, latents=latents, images=images, batch=batch, generator=generator, attention=attention)
+        return GeneratedBatch(
+            prompts=prompts, latents=latents, images=images, batch=batch, generator=generator, attention=attention, seed=seed
+        )
 
     def sample(
         self, prompts: list[str], generator: torch.Generator, gradient_steps=(), unet: Optional[nn.Module] = None, step_hook=None
@@ -286,11 +334,8 @@ class CoMatModule(LightningModule):
             yield self.base_unet
             return
         unet = self.backbone.unet
-        unet.disable_adapters()
-        try:
+        with using_adapter(unet, None):  # not PEFT's disable/enable_adapters: those also flip requires_grad
             yield unet
-        finally:
-            unet.enable_adapters()
 
     def _seed(self, rank: int) -> int:
         # Distinct per (generator step, rank); a pure function of the step, so resumed runs draw the same noise.
@@ -305,7 +350,12 @@ class CoMatModule(LightningModule):
         # Only what training changes: the frozen multi-GB models are reloaded from their source on resume.
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["comat"] = {"generator_step": self.generator_step, "model_source": self.model_source, "finetune": self.finetune}
+        checkpoint["comat"] = {
+            "generator_step": self.generator_step,
+            "model_source": self.model_source,
+            "finetune": self.finetune,
+            "rng": capture_rng_states(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
@@ -314,7 +364,9 @@ class CoMatModule(LightningModule):
                 f"checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[0]}): it was written "
                 "with a different LoRA rank/target modules, fine-tuning mode or base model"
             )
-        self.generator_step = int(checkpoint.get("comat", {}).get("generator_step", 0))
+        state = checkpoint.get("comat", {})
+        self.generator_step = int(state.get("generator_step", 0))
+        restore_rng_states(state.get("rng"))
 
     def train(self, mode: bool = True):
         super().train(mode)

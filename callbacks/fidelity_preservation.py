@@ -1,0 +1,149 @@
+"""CoMat's Fidelity Preservation loss: an adversarial term that keeps the online model's latents looking like the
+frozen base model's.
+
+- Generator term (``compute``, part of the generator loss): non-saturating BCE, ``BCE(D(fake), 1)`` averaged over
+  latent pixels and the batch; the module runs it with the discriminator's parameters frozen (Lightning's
+  ``toggled_optimizer``), so its gradient reaches the generator's LoRA only.
+- Discriminator step (``discriminator_loss``, after the generator step): ``BCE(D(real), 1) + BCE(D(fake), 0)`` on
+  the detached fake and the real latents, with the discriminator's own AdamW and gradient clip.
+
+Real latents: final latents of the frozen base model for the same prompts, precomputed by
+``python -m comat_lightning.real_latents`` into the JSONL (``real_latents: data``), or generated on the fly by
+the base UNet with the LoRA disabled (``real_latents: on_the_fly``: one more full sampling per step, about twice
+the rollout cost).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossNeeds
+from comat_lightning.discriminator import LatentDiscriminator, add_discriminator_lora
+
+_REAL_SEED_OFFSET = 2**42  # on-the-fly real latents: a noise stream apart from the rollout's
+
+
+class FidelityPreservationLoss(AdversarialLoss):
+    """Args:
+        weight: generator-term weight (CoMat: 1.0 for SD1.5, 0.5 for SDXL).
+        real_latents: "data" (batch["real_latent"] from the JSONL) or "on_the_fly" (base UNet, LoRA disabled).
+        discriminator_model: None = the generator's own base UNet under a second LoRA (no extra UNet held); or a
+            pipeline (hub id / folder) whose UNet becomes a separate backbone (official SDXL code: an SD1.5 UNet).
+        lora_rank / lora_alpha / target_modules: the discriminator's LoRA.
+        lr, betas, weight_decay, grad_clip: the discriminator's AdamW (published lr: 2e-5 SD1.5 / 5e-5 SDXL).
+    """
+
+    needs = LossNeeds()  # reads the final latents only
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        real_latents: Literal["data", "on_the_fly"] = "data",
+        discriminator_model: Optional[str] = None,
+        lora_rank: int = 128,
+        lora_alpha: Optional[float] = None,
+        target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"],  # noqa: B006 (read-only)
+        lr: float = 2e-5,
+        betas: tuple[float, float] = (0.0, 0.999),
+        weight_decay: float = 1e-2,
+        grad_clip: Optional[float] = 1.0,
+        name: str = "fidelity_preservation",
+    ):
+        super().__init__(weight=weight, name=name)
+        problems = []
+        if real_latents not in ("data", "on_the_fly"):
+            problems.append(f"real_latents must be 'data' or 'on_the_fly', got {real_latents!r}")
+        if lora_rank < 1:
+            problems.append(f"lora_rank must be >= 1, got {lora_rank}")
+        if not lr > 0:
+            problems.append(f"lr must be > 0, got {lr}")
+        if grad_clip is not None and not grad_clip > 0:
+            problems.append(f"grad_clip must be > 0 (or null), got {grad_clip}")
+        if weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {weight_decay}")
+        if problems:
+            raise ValueError("FidelityPreservationLoss: " + "; ".join(problems))
+        self.real_latents = real_latents
+        self.discriminator_model = discriminator_model
+        self.lora_rank, self.lora_alpha, self.target_modules = lora_rank, lora_alpha, list(target_modules)
+        self.lr, self.betas, self.weight_decay, self.grad_clip = lr, tuple(betas), weight_decay, grad_clip
+
+    # ---------------------------------------------------------------------------------------- the network
+
+    def build(self, pl_module) -> LatentDiscriminator:
+        scheduler = pl_module.make_scheduler()
+        scheduler.set_timesteps(pl_module.sampler.num_inference_steps)
+        last_timestep = scheduler.timesteps[-1]  # the discriminator judges (nearly) clean latents
+        if self.discriminator_model is None:
+            unet, empty, shared = pl_module.backbone.unet, pl_module.empty_prompt(), True
+        else:
+            unet, empty = self._separate_backbone(pl_module)
+            shared = False
+        add_discriminator_lora(unet, self.lora_rank, self.lora_alpha, self.target_modules)
+        return LatentDiscriminator(unet, empty, last_timestep, scheduler, shared=shared)
+
+    def _separate_backbone(self, pl_module):
+        from comat_lightning.adapters import checkpoint_keeping_adapters
+        from comat_lightning.diffusion_model import DiffusionBackbone
+
+        other = DiffusionBackbone.from_pretrained(self.discriminator_model)
+        if other.vae_scale_factor != pl_module.backbone.vae_scale_factor or other.unet.config.in_channels != pl_module.backbone.unet.config.in_channels:
+            raise ValueError(
+                f"FidelityPreservationLoss: discriminator_model {self.discriminator_model!r} works on different latents "
+                f"({other.unet.config.in_channels} channels, factor {other.vae_scale_factor}) than the generator"
+            )
+        other.requires_grad_(False)
+        with torch.no_grad():
+            empty = other.encode_prompts([""], pl_module.sampler.resolution)
+        if pl_module.gradient_checkpointing:
+            other.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_keeping_adapters)
+        return other.unet.eval(), empty  # text encoders and VAE are dropped: only the empty prompt was needed
+
+    def discriminator_parameters(self, pl_module) -> list[torch.nn.Parameter]:
+        discriminator: LatentDiscriminator = pl_module.loss_modules[self.name]
+        return discriminator.lora_parameters() + list(discriminator.head.parameters())
+
+    def configure_discriminator_optimizer(self, params):
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant, as published
+
+    # ---------------------------------------------------------------------------------------- the two losses
+
+    def compute(self, pl_module, generated: GeneratedBatch):
+        logits = pl_module.loss_modules[self.name](generated.latents)  # (B, h, w)
+        loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+        return loss, {"fake_score": torch.sigmoid(logits.detach()).mean()}
+
+    def discriminator_loss(self, pl_module, generated: GeneratedBatch):
+        discriminator = pl_module.loss_modules[self.name]
+        real = self.real_batch(pl_module, generated)
+        fake_logits = discriminator(generated.latents.detach())
+        real_logits = discriminator(real)
+        loss = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits)) + F.binary_cross_entropy_with_logits(
+            fake_logits, torch.zeros_like(fake_logits)
+        )
+        logs = {
+            "real_score": torch.sigmoid(real_logits.detach()).mean(),
+            "fake_score": torch.sigmoid(fake_logits.detach()).mean(),
+        }
+        return loss, logs
+
+    def real_batch(self, pl_module, generated: GeneratedBatch) -> torch.Tensor:
+        """(B, 4, h, w) fp32 real latents for the batch's prompts."""
+        if self.real_latents == "on_the_fly":
+            generator = torch.Generator().manual_seed(generated.seed + _REAL_SEED_OFFSET)
+            with torch.no_grad(), pl_module.frozen_base() as base:
+                return pl_module.sample(generated.prompts, generator, unet=base)
+        real = generated.batch.get("real_latent")
+        if real is None:
+            raise ValueError(
+                "FidelityPreservationLoss(real_latents='data') needs real latents in the batch: run "
+                "`python -m comat_lightning.real_latents --config <config> --output <dir>` and train on the "
+                "<dir>/real_latents.jsonl it writes, or set real_latents: on_the_fly (about 2x sampling cost)"
+            )
+        if real.shape != generated.latents.shape:
+            raise ValueError(f"real latents of shape {tuple(real.shape)} do not match the generated {tuple(generated.latents.shape)}")
+        return real.to(device=generated.latents.device, dtype=torch.float32)
