@@ -16,6 +16,8 @@ class CoMatCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The datamodule reads the tokenizer of the model being trained to report over-long prompts.
         parser.link_arguments("model.pretrained_model", "data.tokenizer_model")
+        # Real latents in the data are checked against the latent size the model will generate.
+        parser.link_arguments("model.sampler.resolution", "data.latent_resolution")
 
     def before_instantiate_classes(self) -> None:
         name_runs_after_config(self.config.get(self.subcommand) if self.subcommand else self.config)

@@ -3,8 +3,14 @@
 Files are ``.txt`` (one prompt per line) or ``.jsonl`` (one JSON object per line with a ``"prompt"`` string; any
 other fields, e.g. precomputed entity parses or a real-latent reference, are carried into the batch as lists).
 An optional ``"entities"`` field (hand-written or from ``python -m comat_lightning.prepare_entities``) is checked
-against its prompt when the file is read.
+against its prompt when the file is read. An optional ``"latent": {"file": ..., "index": ...}`` (written by
+``python -m comat_lightning.real_latents``) names the frozen base model's final latent for the prompt: every
+reference is checked against its file's header at ``setup`` (before any model loads), and each batch whose records
+all have one gets ``batch["real_latent"]`` (B, 4, h, w) float32 (see datamodules/latents.py).
 Bad files fail with a message naming the file and line; blank lines are skipped and counted.
+
+The training order is a pure function of (``seed``, epoch), and the train loader is resumable mid-epoch: its
+position is saved in Lightning checkpoints, so a resumed run sees exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -16,9 +22,20 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from comat_lightning.prompt_parsing import entities_from_json
+from datamodules.latents import (
+    LatentRef,
+    LatentReferenceError,
+    check_latent_refs,
+    expected_latent_shape,
+    load_latent,
+    parse_latent_ref,
+    resolve_latent_file,
+)
+
+REAL_LATENT_KEY = "real_latent"  # batch key of the stacked real latents
 
 
 class PromptFileError(ValueError):
@@ -27,6 +44,11 @@ class PromptFileError(ValueError):
 
 def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
     """Read prompt records from ``path`` (.txt or .jsonl); each record has at least a non-empty ``"prompt"``."""
+    return [record for _, record in read_numbered_prompt_file(path)]
+
+
+def read_numbered_prompt_file(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """Like :func:`read_prompt_file`, with each record's line number (for messages about it later)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist" if not path.exists() else f"prompt file {path} is not a file")
@@ -43,7 +65,7 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
             blank += 1
             continue
         if not is_jsonl:
-            records.append({"prompt": line.strip()})
+            records.append((number, {"prompt": line.strip()}))
             continue
         try:
             record = json.loads(line)
@@ -62,7 +84,12 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
                 entities_from_json(record["prompt"], record["entities"])
             except ValueError as err:
                 raise PromptFileError(f"{path}:{number}: bad \"entities\": {err}") from None
-        records.append(record)
+        if record.get("latent") is not None:
+            try:  # the form only; the file itself is checked by PromptDataModule.setup
+                parse_latent_ref(record["latent"])
+            except ValueError as err:
+                raise PromptFileError(f"{path}:{number}: bad \"latent\": {err}") from None
+        records.append((number, record))
     if not records:
         raise PromptFileError(f"{path}: no prompts (the file is empty or has only blank lines)")
     if blank:
@@ -70,21 +97,152 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def attach_latents(sources: list[tuple[Path, list[tuple[int, dict[str, Any]]]]], resolution: Optional[int]) -> list[list[dict]]:
+    """Check every ``"latent"`` reference of the numbered records of each (file, records) source against its
+    file's header (one read per file), and return the records with ``"latent"`` resolved to an absolute path."""
+    located: list[tuple[Path, int]] = []
+    refs: list[LatentRef] = []
+    out = []
+    for path, numbered in sources:
+        records = []
+        files: dict[str, Path] = {}  # thousands of records share a shard: resolve each name once
+        for line, record in numbered:
+            if record.get("latent") is not None:
+                name, index = parse_latent_ref(record["latent"])  # its form was checked when the file was read
+                if name not in files:
+                    files[name] = resolve_latent_file(name, path.parent)
+                ref = LatentRef(files[name], index)
+                located.append((path, line))
+                refs.append(ref)
+                record = {**record, "latent": ref.to_json()}
+            records.append(record)
+        out.append(records)
+    try:
+        check_latent_refs(refs, expected_latent_shape(resolution))
+    except LatentReferenceError as err:
+        path, line = located[err.position]
+        raise PromptFileError(f"{path}:{line}: {err}") from None
+    return out
+
+
 class PromptDataset(Dataset):
+    """Records as they were read; an item whose record has a ``"latent"`` also carries the tensor, loaded lazily
+    (one row of one shard), under ``REAL_LATENT_KEY``."""
+
     def __init__(self, records: list[dict[str, Any]]):
         self.records = records
+        self.latents = [LatentRef(Path(r["latent"]["file"]), r["latent"]["index"]) if r.get("latent") else None for r in records]
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.records[index]
+        ref = self.latents[index]
+        return self.records[index] if ref is None else {**self.records[index], REAL_LATENT_KEY: load_latent(ref)}
 
 
-def collate_prompts(records: list[dict[str, Any]]) -> dict[str, list]:
-    """Batch as a dict of lists; a field missing from some records is None there."""
+def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch as a dict of lists; a field missing from some records is None there. Real latents are stacked into
+    ``batch["real_latent"]`` (B, 4, h, w) only when every record of the batch has one (absent otherwise)."""
+    latents = [item.get(REAL_LATENT_KEY) for item in items]
+    records = [{k: v for k, v in item.items() if k != REAL_LATENT_KEY} for item in items]
     keys = list(dict.fromkeys(k for r in records for k in r))
-    return {k: [r.get(k) for r in records] for k in keys}
+    batch: dict[str, Any] = {k: [r.get(k) for r in records] for k in keys}
+    if latents and all(t is not None for t in latents):
+        batch[REAL_LATENT_KEY] = torch.stack(latents)
+    return batch
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's share of a permutation seeded by ``seed + epoch`` (torch's DistributedSampler order): a pure
+    function of (seed, epoch, rank), unlike a DataLoader ``generator`` whose state advances across epochs, so a
+    fresh process resumed at epoch e draws epoch e's order, not epoch 0's. Lightning calls ``set_epoch`` each
+    epoch and, seeing a DistributedSampler, does not replace it under DDP. :meth:`start_at` makes the next pass
+    (only) use a given epoch's order from a given item on: mid-epoch resume, driven by :class:`ResumableDataLoader`."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self._next: Optional[tuple[int, int]] = None  # (epoch, first item) of the next pass
+
+    def start_at(self, epoch: int, item: int) -> None:
+        self._next = (epoch, item)
+
+    def __iter__(self):
+        (epoch, start), self._next = self._next or (self.epoch, 0), None
+        lightning_epoch, self.epoch = self.epoch, epoch  # DistributedSampler reads self.epoch
+        try:
+            indices = list(super().__iter__())
+        finally:
+            self.epoch = lightning_epoch
+        return iter(indices[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position (data epoch, batches handed out in it) is part of Lightning's checkpoints.
+
+    Lightning 2.6 saves ``state_dict()`` of every train loader that has one (``FitLoop.on_save_checkpoint`` via
+    ``CombinedLoader._state_dicts``) and, on resume, calls ``load_state_dict`` before the first ``iter()``
+    (``FitLoop.setup_data``). The loader has a length, so Lightning's fetcher does not prefetch: the count is
+    exactly the batches the training loop took. A pass starts at its first ``next()``, after Lightning's
+    ``set_epoch``, also with worker processes (which would otherwise draw indices at ``iter()``).
+
+    The first pass after a resume continues the saved data epoch from the saved batch, whatever epoch Lightning
+    sets: a checkpoint written by ``on_train_epoch_end`` after ``max_steps`` stopped mid-epoch (e.g. ModelCheckpoint's
+    last.ckpt) counts that epoch as finished, so Lightning resumes at epoch e + 1 but still expects only the
+    remaining batches. The offset between the two numberings is then kept for the later epochs.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._position = (0, 0)  # (data epoch, batches handed out in it)
+        self._resume: Optional[tuple[int, int]] = None
+        self._epoch_offset = 0  # data epoch - Lightning's epoch; non-zero only after the resume described above
+
+    def __iter__(self):
+        return self._iterate()
+
+    def _iterate(self):
+        sampler = self.sampler
+        lightning_epoch = int(getattr(sampler, "epoch", 0))
+        epoch, skip = lightning_epoch + self._epoch_offset, 0
+        if self._resume is not None and hasattr(sampler, "start_at"):
+            (epoch, skip), self._resume = self._resume, None
+            self._epoch_offset = epoch - lightning_epoch
+        if hasattr(sampler, "start_at"):
+            sampler.start_at(epoch, skip * self.batch_size)
+        self._position = (epoch, skip)
+        handed_out = skip
+        for batch in super().__iter__():
+            handed_out += 1
+            self._position = (epoch, handed_out)
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches, "layout": self._layout()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if state.get("layout") != self._layout():
+            # Another prompt file, batch size, seed or number of ranks: that epoch's order is not this one's.
+            warnings.warn(
+                f"train data differs from the checkpoint's ({state.get('layout')} -> {self._layout()}): the resumed "
+                f"epoch {epoch} restarts from its first batch instead of batch {batches}",
+                stacklevel=2,
+            )
+            batches = 0
+        if batches >= len(self):  # saved after the epoch's last batch: the next one starts afresh
+            epoch, batches = epoch + 1, 0
+        self._position = self._resume = (epoch, batches)
+
+    def _layout(self) -> dict[str, Any]:
+        sampler = self.sampler
+        return {
+            "items": len(self.dataset),
+            "batch_size": self.batch_size,
+            "seed": getattr(sampler, "seed", None),
+            "replicas": getattr(sampler, "num_replicas", 1),
+        }
 
 
 class PromptDataModule(LightningDataModule):
@@ -98,6 +256,8 @@ class PromptDataModule(LightningDataModule):
         tokenizer_model: a pipeline (hub id or folder) whose first tokenizer sets the prompt length limit;
             prompts longer than it are truncated by the text encoder, which is reported once. Linked from
             ``model.pretrained_model`` by train.py.
+        latent_resolution: image resolution (px) the real latents must come from: each must be
+            (4, latent_resolution // 8, latent_resolution // 8). None: only (4, h, w) with one common (h, w).
     """
 
     def __init__(
@@ -109,6 +269,7 @@ class PromptDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         tokenizer_model: Optional[str] = None,
+        latent_resolution: Optional[int] = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -117,18 +278,25 @@ class PromptDataModule(LightningDataModule):
             raise ValueError(f"data.val_size must be >= 0, got {val_size}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if latent_resolution is not None and (latent_resolution <= 0 or latent_resolution % 8):
+            raise ValueError(f"data.latent_resolution must be a positive multiple of 8 (the VAE factor), got {latent_resolution}")
         self.train_file, self.val_file, self.val_size = train_file, val_file, val_size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.tokenizer_model = tokenizer_model
+        self.latent_resolution = latent_resolution
         self.train_records: list[dict] = []
         self.val_records: list[dict] = []
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_records or self.val_records:
             return
-        records = read_prompt_file(self.train_file)
+        sources = [(Path(self.train_file), read_numbered_prompt_file(self.train_file))]
         if self.val_file:
-            self.val_records = read_prompt_file(self.val_file)
+            sources.append((Path(self.val_file), read_numbered_prompt_file(self.val_file)))
+        # Lightning runs datamodule.setup before configure_model: a bad latent reference fails before any model loads.
+        records, *val = attach_latents(sources, self.latent_resolution)
+        if val:
+            self.val_records = val[0]
         elif self.val_size:
             if self.val_size >= len(records):
                 raise ValueError(f"data.val_size={self.val_size} leaves no training prompts: {self.train_file} has {len(records)}")
@@ -158,14 +326,18 @@ class PromptDataModule(LightningDataModule):
                 )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            PromptDataset(self.train_records),
+        dataset = PromptDataset(self.train_records)
+        # Each rank's share is decided here (not by Lightning, which leaves a DistributedSampler alone).
+        distributed = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        replicas, rank = (distributed["num_replicas"], distributed["rank"]) if distributed else (1, 0)
+        sampler = EpochSampler(dataset, num_replicas=replicas, rank=rank, seed=self.seed)
+        return ResumableDataLoader(
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_prompts,
-            drop_last=len(self.train_records) >= self.batch_size,  # equal batches on every rank and step
+            drop_last=len(sampler) >= self.batch_size,  # equal batches on every rank and step
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -15,25 +15,26 @@ import yaml
 
 from conftest import REPO, instantiate_cli, run_cli
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
 
 
 def test_configs_exist():
-    assert {p.name for p in CONFIGS} >= {"demo.yaml", "demo_no_attribute.yaml", "demo_sdxl.yaml", "comat_sd15.yaml", "comat_sdxl.yaml"}
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "demo_no_attribute.yaml", "demo_no_fidelity.yaml", "demo_sdxl.yaml", "comat_sd15.yaml", "comat_sdxl.yaml"}
 
 
-def test_ablation_config_differs_from_the_demo_only_by_the_removed_callback_lines():
+@pytest.mark.parametrize("ablation, loss", [("demo_no_attribute", "AttributeConcentrationLoss"), ("demo_no_fidelity", "FidelityPreservationLoss")])
+def test_demo_ablations_differ_from_the_demo_only_by_the_removed_callback_lines(ablation, loss):
     import difflib
 
     demo = (REPO / "configs" / "demo.yaml").read_text().splitlines()
-    ablation = (REPO / "configs" / "demo_no_attribute.yaml").read_text().splitlines()
-    diff = [line for line in difflib.ndiff(demo, ablation) if line[:2] in ("- ", "+ ")]
+    lines = (REPO / "configs" / f"{ablation}.yaml").read_text().splitlines()
+    diff = [line for line in difflib.ndiff(demo, lines) if line[:2] in ("- ", "+ ")]
     assert diff and all(line.startswith("- ") for line in diff)  # only removals
     removed = yaml.safe_load("\n".join(line[2:] for line in diff))
-    assert len(removed) == 1 and removed[0]["class_path"] == "callbacks.AttributeConcentrationLoss"
+    assert len(removed) == 1 and removed[0]["class_path"] == f"callbacks.{loss}"
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
 def test_every_shipped_config_instantiates_without_loading_models(config, monkeypatch):
     from callbacks import LossCallback
     from comat_lightning.diffusion_model import DiffusionBackbone
@@ -47,6 +48,27 @@ def test_every_shipped_config_instantiates_without_loading_models(config, monkey
 
 def _instantiate(config: Path):
     return instantiate_cli(["--config", str(config), "--trainer.logger=false"])
+
+
+ABLATIONS = {"cm": {"ConceptMatchingLoss"}, "cm_ac": {"ConceptMatchingLoss", "AttributeConcentrationLoss"},
+             "cm_fp": {"ConceptMatchingLoss", "FidelityPreservationLoss"},
+             "all": {"ConceptMatchingLoss", "AttributeConcentrationLoss", "FidelityPreservationLoss"}}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("variant", sorted(ABLATIONS))
+def test_ablation_configs_differ_from_the_full_config_only_by_removed_loss_callbacks(family, variant):
+    full = yaml.safe_load((REPO / "configs" / f"comat_{family}.yaml").read_text())
+    ablation = yaml.safe_load((REPO / "configs" / "ablations" / f"{family}_{variant}.yaml").read_text())
+
+    def is_loss(callback):
+        return callback["class_path"].endswith("Loss")
+
+    kept = [c for c in full["trainer"]["callbacks"] if not is_loss(c) or c["class_path"].split(".")[-1] in ABLATIONS[variant]]
+    assert ablation["trainer"]["callbacks"] == kept
+    for config in (full, ablation):
+        config["trainer"].pop("callbacks")
+    assert ablation == full
 
 
 @pytest.mark.parametrize("name, lr, batch, detach", [("comat_sd15", 5e-5, 4, False), ("comat_sdxl", 2e-5, 6, True)])
@@ -72,6 +94,10 @@ def test_published_configs_carry_the_published_hyperparameters(name, lr, batch, 
     (attribute,) = [c["init_args"] for c in trainer["callbacks"] if c["class_path"].endswith("AttributeConcentrationLoss")]
     assert attribute["token_weight"] == 1e-3 and attribute["pixel_weight"] == 5e-5 and attribute["num_capture_steps"] == 2
     assert attribute["masks"]["init_args"]["box_threshold"] == 0.3 and attribute["masks"]["init_args"]["text_threshold"] == 0.25
+    (fidelity,) = [c["init_args"] for c in trainer["callbacks"] if c["class_path"].endswith("FidelityPreservationLoss")]
+    sd15 = name == "comat_sd15"
+    assert fidelity["weight"] == (1.0 if sd15 else 0.5) and fidelity["lr"] == (2e-5 if sd15 else 5e-5)
+    assert fidelity["betas"] == [0.0, 0.999] and fidelity["grad_clip"] == 1.0
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -113,7 +139,9 @@ def test_train_py_demo_logs_checkpoints_and_resumes(tmp_path):
     ckpt_dir = tmp_path / "runs" / "demo" / "checkpoints"
     last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["comat"]["generator_step"] == 10
-    assert last["state_dict"] and all(".lora_" in k for k in last["state_dict"])  # no frozen weights
+    # no frozen weights: generator LoRA, discriminator LoRA and the discriminator's head only
+    assert last["state_dict"] and all(".lora_" in k or ".fidelity_preservation.head." in k for k in last["state_dict"])
+    assert len(last["optimizer_states"]) == 2 and len(last["lr_schedulers"]) == 2
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in last["state_dict"].items())  # LoRA moved
     assert (tmp_path / "runs" / "demo" / "version_0" / "config.yaml").is_file()
     assert (tmp_path / "runs" / "demo" / "version_0" / "lora" / "pytorch_lora_weights.safetensors").is_file()  # ExportLoRA
@@ -157,3 +185,27 @@ def test_bad_option_values_are_refused_with_the_option_name(tmp_path, monkeypatc
 
 def _instantiate_with(extra: list[str]):
     return instantiate_cli(["--config", str(REPO / "configs" / "demo.yaml"), "--trainer.logger=false", *extra])
+
+
+def test_resume_mid_run_continues_exactly(tmp_path):
+    """4 generator steps in one process == 2 steps, stop, then `--ckpt_path last` to 4 in a fresh process: same
+    generator LoRA, discriminator LoRA + head, optimizer states and step counter (all three losses, CPU)."""
+    finals = {}
+    for name, runs in {"straight": [4], "resumed": [2, 4]}.items():
+        workdir = tmp_path / name
+        workdir.mkdir()
+        (workdir / "data").symlink_to(REPO / "data")
+        for i, steps in enumerate(runs):
+            resume = ["--ckpt_path=last"] if i else []
+            _train_py(workdir, f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", *resume)
+        finals[name] = torch.load(workdir / "runs" / "demo" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    straight, resumed = finals["straight"], finals["resumed"]
+    assert straight["comat"]["generator_step"] == resumed["comat"]["generator_step"] == 4
+    keys = straight["state_dict"].keys()
+    assert keys == resumed["state_dict"].keys()
+    assert any(".discriminator." in k for k in keys) and any("head" in k for k in keys) and any(".default." in k for k in keys)
+    for key in keys:
+        assert torch.equal(straight["state_dict"][key], resumed["state_dict"][key]), key
+    for a, b in zip(straight["optimizer_states"], resumed["optimizer_states"]):  # generator and discriminator AdamW
+        for state_a, state_b in zip(a["state"].values(), b["state"].values()):
+            assert all(torch.equal(state_a[k], state_b[k]) for k in ("exp_avg", "exp_avg_sq"))

