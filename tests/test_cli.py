@@ -145,6 +145,7 @@ def test_train_py_demo_logs_checkpoints_and_resumes(tmp_path):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in last["state_dict"].items())  # LoRA moved
     assert (tmp_path / "runs" / "demo" / "version_0" / "config.yaml").is_file()
     assert (tmp_path / "runs" / "demo" / "version_0" / "lora" / "pytorch_lora_weights.safetensors").is_file()  # ExportLoRA
+    assert (tmp_path / "runs" / "demo" / "version_0" / "lora_checkpoints" / "step_10" / "pytorch_lora_weights.safetensors").is_file()
 
     _train_py(tmp_path, "--trainer.max_steps=12", "--trainer.val_check_interval=5", "--ckpt_path=last")
     resumed = _scalars(tmp_path / "runs" / "demo" / "version_1")
