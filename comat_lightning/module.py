@@ -3,10 +3,12 @@
 One generator step (``training_step``), top to bottom:
 
 1. roll out the online model (UNet + LoRA) from noise with classifier-free guidance; gradient flows only
-   through the denoising steps chosen by the :class:`GradientStepPolicy`;
+   through the denoising steps chosen by the :class:`GradientStepPolicy`; cross-attention maps are recorded at a
+   few of them if a loss reads maps;
 2. decode the final latent with the VAE when a loss needs pixels;
 3. every active loss callback turns the generated batch into a weighted scalar;
-4. one AdamW step on the LoRA weights, after clipping their gradient norm.
+4. one AdamW step on the LoRA weights, after clipping their gradient norm;
+5. with an adversarial loss (Fidelity Preservation), one discriminator step on the detached fake and real latents.
 
 The module holds what the losses need (frozen helper models they ``build``) and computes nothing no active loss
 asks for. Models are loaded in ``configure_model`` (after option checks, and after ``setup`` has refused a
@@ -191,7 +193,7 @@ class CoMatModule(LightningModule):
 
         batch_size = len(generated.prompts)
         for name, value in logs.items():
-            self.log(f"train/{name}", value, prog_bar=name in ("loss", *(loss.name for loss in self.losses)), batch_size=batch_size)
+            self.log(f"train/{name}", value, prog_bar=name in ("loss", *(term.name for term in self.losses)), batch_size=batch_size)
         self.log("train/lr", lr_schedule.get_last_lr()[0], batch_size=batch_size)
         self.log("train/generator_step", float(self.generator_step), batch_size=batch_size)
         return loss
