@@ -43,6 +43,7 @@ def test_every_shipped_config_instantiates_without_loading_models(config, monkey
     monkeypatch.setattr(DiffusionBackbone, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
     cli = _instantiate(config)
     assert isinstance(cli.model, CoMatModule) and cli.model.backbone is None
+    assert cli.datamodule.latent_resolution == cli.model.sampler.resolution  # real latents checked against the model
     assert any(isinstance(cb, LossCallback) for cb in cli.trainer.callbacks)
 
 

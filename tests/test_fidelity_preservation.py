@@ -168,3 +168,24 @@ def test_all_three_losses_alternate_generator_and_discriminator_steps(tiny_paths
 
 def _params(optimizer):
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def test_separate_discriminator_backbone_for_sdxl(tiny_paths):
+    """Official SDXL setting: an SD1.5-style UNet (its own empty prompt, its own LoRA) judges SDXL latents."""
+    from comat_lightning.module import LoraConfig
+    from conftest import make_module
+
+    loss = FidelityPreservationLoss(real_latents="on_the_fly", lora_rank=4, discriminator_model=tiny_paths["sd"])
+    module = make_module(tiny_paths["sdxl"], losses=[loss], lora=LoraConfig(rank=4))
+    module.train()
+    discriminator = module.loss_modules[loss.name]
+    assert discriminator.unet is not module.backbone.unet and DISCRIMINATOR_ADAPTER not in module.backbone.unet.peft_config
+    assert discriminator.empty_prompt.embeds.shape[-1] == discriminator.unet.config.cross_attention_dim != module.backbone.unet.config.cross_attention_dim
+    generated = module.generate({"prompt": ["a red car", "a cat"]}, seed=1, gradient_steps=[3])
+    d_loss, logs = loss.discriminator_loss(module, generated)
+    d_loss.backward()
+    critic = loss.discriminator_parameters(module)
+    assert all(p.grad is not None for p in critic) and 0 < logs["real_score"] < 1
+    trainable = module.trainable_state_keys()
+    assert any(k.startswith(f"loss_modules.{loss.name}.backbone.") and ".discriminator." in k for k in trainable)
+    assert not any(".discriminator." in k for k in trainable if k.startswith("backbone."))
