@@ -4,6 +4,7 @@ from callbacks.attribute_concentration import AttributeConcentrationLoss
 from callbacks.concept_matching import ConceptMatchingLoss
 from callbacks.fidelity_preservation import FidelityPreservationLoss
 from callbacks.lora_export import ExportLoRA
+from callbacks.prediction_writer import ImageWriter
 from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossCallback, LossNeeds
 
-__all__ = ["AttributeConcentrationLoss", "ConceptMatchingLoss", "FidelityPreservationLoss", "ExportLoRA", "AdversarialLoss", "GeneratedBatch", "LossCallback", "LossNeeds"]
+__all__ = ["AttributeConcentrationLoss", "ConceptMatchingLoss", "FidelityPreservationLoss", "ExportLoRA", "ImageWriter", "AdversarialLoss", "GeneratedBatch", "LossCallback", "LossNeeds"]
