@@ -219,9 +219,18 @@ def _tiny_unet(**family_config):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(
+    unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, **family_config
     )
+    # A random init gives near-uniform cross-attention (concept-map overlap ~0.49 of 0.5) that hardly depends on the
+    # latent; real SD's is peaky. Scaling query and key by 4 (logits x16) makes the maps respond to the latent, which
+    # attention guidance (A-STAR, Attend-and-Excite) and its tests need.
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(4.0)
+                module.to_k.weight.mul_(4.0)
+    return unet
 
 
 def _seeded(seed: int, build, *args):
