@@ -9,7 +9,6 @@ UNet normalises per sample, so each sample's gradient is its own). Only the read
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from abc import ABC, abstractmethod
 from typing import Optional, Sequence

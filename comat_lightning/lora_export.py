@@ -34,3 +34,20 @@ def save_unet_lora(unet, family: str, folder: str | os.PathLike, adapter_name: s
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def load_unet_lora(unet, path: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Load a diffusers-format LoRA (ours, or any ``save_lora_weights`` / kohya-converted file diffusers reads) into
+    ``unet`` as adapter ``adapter_name``, trainable (so a run can also continue from it)."""
+    from comat_lightning.tiny_zoo import resolve_model_path
+
+    source = Path(resolve_model_path(str(path)))
+    kwargs = {"weight_name": source.name if source.is_file() else WEIGHT_NAME, "use_safetensors": True}
+    folder = source.parent if source.is_file() else source
+    try:
+        unet.load_lora_adapter(str(folder), prefix="unet", adapter_name=adapter_name, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"model.lora_weights={str(path)!r}: not a diffusers-format UNet LoRA ({err})") from err
+    for name, param in unet.named_parameters():
+        if f".{adapter_name}." in name:
+            param.requires_grad_(True)

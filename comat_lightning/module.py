@@ -28,10 +28,19 @@ from torch import nn
 
 from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossCallback, LossNeeds, active_losses, merge_needs
 from comat_lightning.adapters import checkpoint_keeping_adapters, using_adapter
-from comat_lightning.attention_capture import AttentionStore, choose_capture_steps, install_capture, select_layers
+from comat_lightning.attention_capture import (
+    AttentionStore,
+    Block,
+    LayerSelection,
+    choose_capture_steps,
+    install_capture,
+    select_layers,
+)
+from comat_lightning.guided_sampling import AttentionGuidance
+from comat_lightning.prompt_parsing import EntityParser
 from comat_lightning.diffusion_model import Conditioning, DiffusionBackbone, ModelFamily
 from comat_lightning.options import LoraConfig, OptimizerConfig, SamplerConfig, check_options, check_resolution
-from comat_lightning.training_state import capture_rng_states, restore_rng_states, use_atomic_checkpoint_io
+from comat_lightning.training_state import CheckpointState, use_atomic_checkpoint_io
 from comat_lightning.rollout import EvenlySpacedSteps, GradientStepPolicy, initial_noise, sample_latents
 
 
@@ -41,7 +50,7 @@ _VALIDATION_SEED_OFFSET = 2**40
 _POLICY_SEED_OFFSET = 2**41
 
 
-class CoMatModule(LightningModule):
+class CoMatModule(CheckpointState, LightningModule):
     """Args:
         pretrained_model: SD 1.x/2.x or SDXL pipeline, hub id or folder (``tiny://sd`` for the built-in demo).
         unet_path: replace the pipeline's UNet (e.g. the paper's SDXL UNet fine-tuned at 512 px).
@@ -56,6 +65,12 @@ class CoMatModule(LightningModule):
         optimizer: generator optimizer settings.
         gradient_checkpointing: non-reentrant checkpointing of the UNet and the VAE decoder.
         seed: base of the per-step, per-rank noise seeds.
+        lora_weights: a diffusers-format UNet LoRA (file or folder; ours or any) loaded as the online adapter
+            instead of a fresh one: sample with it (``predict``) or continue training from it.
+        guidance: test-time attention guidance for ``predict`` (``AStarGuidance`` or ``AttendAndExciteGuidance``);
+            None samples plainly.
+        guidance_blocks / guidance_resolution: the cross-attention layers guidance reads (default: all blocks at
+            the latent size / 4, i.e. 16x16 for SD1.5 at 512 px, 24x24 for SD2 at 768, 32x32 for SDXL at 1024).
     """
 
     def __init__(
@@ -73,6 +88,10 @@ class CoMatModule(LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         gradient_checkpointing: bool = True,
         seed: int = 0,
+        lora_weights: Optional[str] = None,
+        guidance: Optional[AttentionGuidance] = None,
+        guidance_blocks: list[Block] = ["down", "mid", "up"],  # noqa: B006 (read-only)
+        guidance_resolution: Optional[int] = None,
     ):
         super().__init__()
         check_options(sampler, gradient_steps, lora, optimizer, finetune)
@@ -84,6 +103,10 @@ class CoMatModule(LightningModule):
         self.optimizer_config = optimizer
         self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
+        self.lora_weights = lora_weights
+        self.guidance = guidance
+        self.concept_parser = EntityParser()  # default guidance concepts: the prompt's nouns (spaCy loads lazily)
+        self.guidance_layers = LayerSelection(tuple(guidance_blocks), (guidance_resolution,) if guidance_resolution else None)
         self.automatic_optimization = False  # generator (and later discriminator) steps are explicit
         self.strict_loading = False  # checkpoints hold only the trainable weights; on_load_checkpoint checks them
         self.generator_step = 0  # Lightning's global_step counts every optimizer's steps; this counts ours
@@ -124,6 +147,10 @@ class CoMatModule(LightningModule):
         if self.finetune == "full":
             self.base_unet = copy.deepcopy(unet).eval()
             unet.requires_grad_(True)
+        elif self.lora_weights:
+            from comat_lightning.lora_export import load_unet_lora
+
+            load_unet_lora(unet, self.lora_weights)
         else:
             from peft import LoraConfig as PeftLoraConfig
 
@@ -155,13 +182,29 @@ class CoMatModule(LightningModule):
 
     def _install_attention_capture(self) -> None:
         """Explicit-softmax processors on the union of the layers the active losses read; SDPA elsewhere."""
-        request = self.needs.attention
-        if request is None:
-            return
         latent_size = self.sampler.resolution // self.backbone.vae_scale_factor
         selections = [loss.needs.attention.layers for loss in self.losses if loss.needs.attention is not None]
+        if self.guidance is not None:
+            selections.append(self.guidance_selection())
+        if not selections:
+            return
         layers = {layer.name: layer for sel in selections for layer in select_layers(self.backbone.unet, sel, latent_size)}
         install_capture(self.backbone.unet, list(layers.values()), self.attention_store)
+
+    def guidance_selection(self) -> LayerSelection:
+        layers = self.guidance_layers
+        if layers.resolutions is None:  # default: a quarter of the latent size (16 at 512 px for SD1.5)
+            layers = LayerSelection(layers.blocks, (self.sampler.resolution // self.backbone.vae_scale_factor // 4,))
+        return layers
+
+    def predict_step(self, batch: dict, batch_idx: int):
+        """Images for ``batch`` (see comat_lightning/prediction.py), with ``guidance`` if set."""
+        from comat_lightning.prediction import predict_batch
+
+        # Lightning predicts under inference_mode; guidance needs autograd on the latent (and tensors made in
+        # inference mode can never join a graph), so it is lifted here.
+        with torch.inference_mode(False):
+            return predict_batch(self, batch)
 
     def configure_optimizers(self):
         cfg = self.optimizer_config
@@ -342,33 +385,6 @@ class CoMatModule(LightningModule):
     def _seed(self, rank: int) -> int:
         # Distinct per (generator step, rank); a pure function of the step, so resumed runs draw the same noise.
         return self.seed * 1_000_003 + self.generator_step * 4099 + rank
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-
-    def trainable_state_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Only what training changes: the frozen multi-GB models are reloaded from their source on resume.
-        keep = self.trainable_state_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["comat"] = {
-            "generator_step": self.generator_step,
-            "model_source": self.model_source,
-            "finetune": self.finetune,
-            "rng": capture_rng_states(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
-        if missing:
-            raise KeyError(
-                f"checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[0]}): it was written "
-                "with a different LoRA rank/target modules, fine-tuning mode or base model"
-            )
-        state = checkpoint.get("comat", {})
-        self.generator_step = int(state.get("generator_step", 0))
-        restore_rng_states(state.get("rng"))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -294,7 +294,7 @@ class EntityParser:
     def __init__(self, spacy_model: str = OFFICIAL_SPACY_MODEL):
         self.spacy_model = spacy_model
         self._nlp = None
-        self._cache: dict[str, tuple[Entity, ...]] = {}
+        self._cache: dict[str, tuple] = {}  # prompt -> entities; "\0nouns\0" + prompt -> head nouns
 
     def __getstate__(self) -> dict:
         # Pickled with a module (spawned DDP workers): send the name and the cache, not the spaCy pipeline.
@@ -340,6 +340,15 @@ class EntityParser:
         for prompt, doc in zip(todo, self.nlp.pipe(todo, batch_size=batch_size)):
             self._cache[prompt] = tuple(entities_from_doc(doc))
         return [list(self._cache[p]) for p in prompts]
+
+    def nouns(self, prompt: str) -> list[Word]:
+        """Every head noun of the prompt, attributed or not ("a cat and a dog" -> cat, dog): the default concepts
+        of attention guidance. Compound modifiers ("teddy" in "teddy bear") are not heads."""
+        key = "\0nouns\0" + prompt  # shares the cache; cannot collide with a prompt
+        if key not in self._cache:
+            doc = self.nlp(prompt)
+            self._cache[key] = tuple(Word(t.text, t.idx) for t in doc if t.pos_ in _NOUN_POS and t.dep_ not in MODIFIERS)
+        return list(self._cache[key])
 
     def entities_for(self, record: dict) -> list[Entity]:
         """A prompt record's entities: its "entities" field when present (hand-written or precomputed, wins), else the

@@ -258,6 +258,8 @@ class PromptDataModule(LightningDataModule):
             ``model.pretrained_model`` by train.py.
         latent_resolution: image resolution (px) the real latents must come from: each must be
             (4, latent_resolution // 8, latent_resolution // 8). None: only (4, h, w) with one common (h, w).
+        predict_file: prompts for ``train.py predict`` (default: ``train_file``); records get their 0-based
+            ``"index"`` in the file (image names and default seeds derive from it).
     """
 
     def __init__(
@@ -270,6 +272,7 @@ class PromptDataModule(LightningDataModule):
         seed: int = 0,
         tokenizer_model: Optional[str] = None,
         latent_resolution: Optional[int] = None,
+        predict_file: Optional[str] = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -284,10 +287,16 @@ class PromptDataModule(LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.tokenizer_model = tokenizer_model
         self.latent_resolution = latent_resolution
+        self.predict_file = predict_file
         self.train_records: list[dict] = []
         self.val_records: list[dict] = []
+        self.predict_records: list[dict] = []
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if stage == "predict":
+            path = self.predict_file or self.train_file
+            self.predict_records = [{**record, "index": i} for i, record in enumerate(read_prompt_file(path))]
+            return
         if self.train_records or self.val_records:
             return
         sources = [(Path(self.train_file), read_numbered_prompt_file(self.train_file))]
@@ -338,6 +347,11 @@ class PromptDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_prompts,
             drop_last=len(sampler) >= self.batch_size,  # equal batches on every rank and step
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            PromptDataset(self.predict_records), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=collate_prompts
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -44,7 +44,10 @@ def test_every_shipped_config_instantiates_without_loading_models(config, monkey
     cli = _instantiate(config)
     assert isinstance(cli.model, CoMatModule) and cli.model.backbone is None
     assert cli.datamodule.latent_resolution == cli.model.sampler.resolution  # real latents checked against the model
-    assert any(isinstance(cb, LossCallback) for cb in cli.trainer.callbacks)
+    from callbacks import ImageWriter
+
+    sampling_only = any(isinstance(cb, ImageWriter) for cb in cli.trainer.callbacks)  # predict configs
+    assert sampling_only or any(isinstance(cb, LossCallback) for cb in cli.trainer.callbacks)
 
 
 def _instantiate(config: Path):
