@@ -151,7 +151,7 @@ class CoMatModule(CheckpointState, LightningModule):
             from comat_lightning.lora_export import load_unet_lora
 
             load_unet_lora(unet, self.lora_weights)
-        else:
+        elif self._trainer is None or self.trainer.state.fn != "predict":  # sampling the base: no empty adapter
             from peft import LoraConfig as PeftLoraConfig
 
             unet.add_adapter(
