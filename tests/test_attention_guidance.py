@@ -180,3 +180,21 @@ def _position(tokenizer, prompt: str, word: str) -> int:
 
     (aligned,) = align_entities(prompt, entities_from_json(prompt, [[word, []]]), tokenizer)
     return aligned.noun_positions[0]
+
+
+def test_layout_masks_replace_the_retention_targets_from_the_first_step():
+    from comat_lightning.guided_sampling import AStarGuidance
+
+    maps = [torch.rand(2, 8, 8)]
+    plain = AStarGuidance()
+    plain.reset()
+    assert plain.losses(0, maps).item() == pytest.approx(segregation_loss(maps[0]).item())  # no retention at step 0
+    layout = torch.zeros(2, 16, 16)
+    layout[0, :, :8], layout[1, :, 8:] = 1, 1  # left / right halves, at another resolution than the maps
+    guided = AStarGuidance()
+    guided.reset(layout_masks=[layout])
+    target = torch.nn.functional.interpolate(layout[:, None], size=(8, 8), mode="nearest")[:, 0]
+    expected = segregation_loss(maps[0]) + retention_loss(maps[0], target)
+    assert guided.losses(0, maps).item() == pytest.approx(expected.item())
+    guided.after_step(0, maps)  # layout targets stay: they are not replaced by the maps' own binarisation
+    assert guided.losses(1, maps).item() == pytest.approx(expected.item())

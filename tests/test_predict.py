@@ -112,3 +112,19 @@ def test_lora_weights_file_loads_and_matches_diffusers(tiny_paths, tmp_path):
     (reference,) = pipe(["a red car"], num_inference_steps=5, guidance_scale=7.5, height=64, width=64,
                         generator=[torch.Generator().manual_seed(5)], output_type="np").images  # fmt: skip
     assert (ours - torch.from_numpy((reference * 255).round() / 255).float()).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_layout_mode_reads_masks_from_the_record(tiny_paths, tmp_path):
+    from comat_lightning.masks import rle_encode
+
+    left, right = torch.zeros(64, 64), torch.zeros(64, 64)
+    left[:, :32], right[:, 32:] = 1, 1
+    layout = {"cat": rle_encode(left, compress=True), "dog": rle_encode(right, compress=True)}
+    _prompts(tmp_path, [{"prompt": "a cat and a dog", "layout": layout}])
+    model = {"pretrained_model": tiny_paths["sd"], "guidance": {"class_path": "comat_lightning.guided_sampling.AStarGuidance"}, "guidance_resolution": 8}
+    _predict(_config(tmp_path, model))
+    manifest = json.loads((tmp_path / "out" / "manifest.jsonl").read_text())
+    assert manifest["concepts"] == ["cat", "dog"]
+    _prompts(tmp_path, [{"prompt": "a cat and a dog", "layout": {"cat": layout["cat"]}}])  # no mask for the dog
+    with pytest.raises(ValueError, match="no mask for concept"):
+        _predict(_config(tmp_path, model, out="out2"))
