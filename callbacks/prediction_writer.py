@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from comat_lightning.atomic_files import atomic_write, write_bytes_atomically
+
 KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 MAPS_DIR = "maps"
 REQUIRED_FIELDS = ("images", "prompts", "seeds", "keys", "settings")
@@ -128,7 +130,7 @@ class ImageWriter(BasePredictionWriter):
         if self.overwrite:
             for name in tended:
                 if name == own:
-                    _write_atomically(self.output_dir / own, b"", self._tmp_suffix)
+                    write_bytes_atomically(self.output_dir / own, b"", self._tmp_suffix)
                 else:
                     (self.output_dir / name).unlink(missing_ok=True)
             self._recorded = set()
@@ -144,7 +146,7 @@ class ImageWriter(BasePredictionWriter):
                 kept = {e["key"]: e for e in entries if (self.output_dir / f"{e['key']}.png").is_file()}
                 repaired = b"".join(_manifest_line(e) for e in kept.values())
                 if repaired != raw:
-                    _write_atomically(path, repaired, self._tmp_suffix)
+                    write_bytes_atomically(path, repaired, self._tmp_suffix)
                 entries = list(kept.values())
             recorded.update(e["key"] for e in entries)
         self._recorded = recorded
@@ -252,16 +254,8 @@ class ImageWriter(BasePredictionWriter):
     def _save_png(self, array, mode: str, path: Path) -> None:
         from PIL import Image
 
-        tmp = path.with_name(f".{path.name}{self._tmp_suffix}")
-        try:
-            with open(tmp, "wb") as handle:
-                Image.fromarray(array, mode).save(handle, format="PNG")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_write(path, self._tmp_suffix) as tmp:
+            Image.fromarray(array, mode).save(tmp, format="PNG")
 
     def _append_manifest(self, entry: dict[str, Any]) -> None:
         line = _manifest_line(entry)
@@ -326,15 +320,3 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] floats to 0..255 (clamped, rounded: k / 255 comes back as k)."""
     return x.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
 
-
-def _write_atomically(path: Path, data: bytes, tmp_suffix: str) -> None:
-    tmp = path.with_name(f".{path.name}{tmp_suffix}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from comat_lightning.atomic_files import atomic_write
 from comat_lightning.prompt_parsing import OFFICIAL_SPACY_MODEL, EntityParser
 
 
@@ -37,19 +36,9 @@ def prepare_records(records: list[dict], parser: EntityParser) -> tuple[list[dic
 
 def write_jsonl_atomically(records: list[dict], path: Path) -> None:
     """Write to a temporary file in the same folder, then rename over ``path``: never a half-written file."""
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

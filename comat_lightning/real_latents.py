@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from comat_lightning.atomic_files import atomic_write
 from datamodules.latents import LATENTS_KEY  # the tensor name the datamodule reads
 
 FORMAT = "comat-real-latents/1"
@@ -108,23 +108,9 @@ def write_shard(path: Path, latents: torch.Tensor, metadata: dict[str, str]) -> 
     """Save to a temporary file in the same folder, then rename over ``path``: never a half-written shard."""
     from safetensors.torch import save_file
 
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({LATENTS_KEY: latents.to(torch.float32).contiguous()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as written:
-            os.fsync(written.fileno())
-        os.chmod(tmp, _default_file_mode())  # mkstemp creates 0600; shards are shared like any other output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    # ".<shard name>.<pid>.tmp": what start-up removes as leftovers of a killed process (".shard-*.tmp")
+    with atomic_write(path, tmp_suffix=f".{os.getpid()}.tmp") as tmp:
+        save_file({LATENTS_KEY: latents.to(torch.float32).contiguous()}, str(tmp), metadata=metadata)
 
 
 def generate_latents(
@@ -199,7 +185,6 @@ def write_real_latents(
             entry = {"file": shard.name, "index": offset}
             indexed.append({**records[i], "latent": entry, "latent_seed": latent_seed(seed, i)})
     write_jsonl_atomically(indexed, index)
-    os.chmod(index, _default_file_mode())  # complete already; only widens the temporary file's 0600
     return counts
 
 
