@@ -9,7 +9,6 @@ UNet normalises per sample, so each sample's gradient is its own). Only the read
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from typing import Optional, Sequence
 
@@ -28,6 +27,7 @@ from comat_lightning.attention_guidance import (
     step_sizes,
 )
 from comat_lightning.diffusion_model import Conditioning
+from comat_lightning.rollout import cfg_noise, scheduler_step_kwargs
 
 
 class AttentionGuidance(ABC):
@@ -151,7 +151,7 @@ def guided_sample(
     alphas = step_sizes(len(scheduler.timesteps), guidance.scale)
     guidance.reset(layout_masks)
     both = Conditioning.cat(uncond, cond)
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    step_kwargs = scheduler_step_kwargs(scheduler, generator)
     last_maps: list[torch.Tensor] = []
 
     def maps_of(z: torch.Tensor, step: int) -> list[torch.Tensor]:
@@ -176,10 +176,8 @@ def guided_sample(
                 last_maps = [m.detach() for m in maps]
             latents = latents.detach()
         with torch.no_grad():
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-            noise = unet(model_input, t, encoder_hidden_states=both.embeds, added_cond_kwargs=both.added_cond_kwargs()).sample
-            noise_uncond, noise_cond = noise.float().chunk(2)
-            latents = scheduler.step(noise_uncond + guidance_scale * (noise_cond - noise_uncond), t, latents, **step_kwargs, return_dict=False)[0]
+            guided = cfg_noise(unet, scheduler.scale_model_input(torch.cat([latents] * 2), t), t, both, guidance_scale)
+            latents = scheduler.step(guided, t, latents, **step_kwargs, return_dict=False)[0]
     return latents, last_maps
 
 

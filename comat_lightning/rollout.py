@@ -113,9 +113,7 @@ def sample_latents(
     gradient_steps = set(gradient_steps)
     first_grad = min(gradient_steps) if gradient_steps else None
     both = Conditioning.cat(uncond, cond)  # diffusers' order: [negative, positive]
-    added = both.added_cond_kwargs()
-    # Only stochastic schedulers take a generator (diffusers' pipelines filter step kwargs the same way).
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    step_kwargs = scheduler_step_kwargs(scheduler, generator)
     for i, t in enumerate(scheduler.timesteps):
         carries_grad = i in gradient_steps
         chain_grad = first_grad is not None and i >= first_grad  # the latent chain is part of the graph
@@ -124,11 +122,21 @@ def sample_latents(
             model_input = scheduler.scale_model_input(torch.cat([unet_input] * 2), t)
             hook = step_hook(i, carries_grad) if step_hook is not None else contextlib.nullcontext()
             with torch.set_grad_enabled(carries_grad), hook:
-                noise = unet(model_input, t, encoder_hidden_states=both.embeds, added_cond_kwargs=added).sample
-            noise_uncond, noise_cond = noise.float().chunk(2)
-            guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                guided = cfg_noise(unet, model_input, t, both, guidance_scale)
             latents = scheduler.step(guided, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
+
+
+def scheduler_step_kwargs(scheduler, generator) -> dict:
+    """Only stochastic schedulers take a generator (diffusers' pipelines filter step kwargs the same way)."""
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def cfg_noise(unet: torch.nn.Module, model_input: torch.Tensor, t, both: Conditioning, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free-guided noise (fp32) from one UNet pass on ``model_input`` = [uncond batch, cond batch]."""
+    noise = unet(model_input, t, encoder_hidden_states=both.embeds, added_cond_kwargs=both.added_cond_kwargs()).sample
+    noise_uncond, noise_cond = noise.float().chunk(2)
+    return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
 
 def initial_noise(
