@@ -19,6 +19,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.results_file import RESULTS, save_results  # noqa: E402
 
 
 def main() -> None:
@@ -64,13 +67,7 @@ def main() -> None:
         "torch": first["torch"],
         "command": "python benchmarks/bench_compare.py --name " + args.name + " " + " ".join(args.configs),
     }
-    out = REPO / "benchmarks" / "results" / f"{args.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(out)
-    print(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    save_results(result, RESULTS / f"{args.name}.json")
 
 
 if __name__ == "__main__":

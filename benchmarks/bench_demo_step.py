@@ -8,7 +8,6 @@ and writes them to benchmarks/results/<config>_step.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -20,6 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.results_file import RESULTS, save_results  # noqa: E402
 
 
 def main() -> None:
@@ -85,13 +86,7 @@ def main() -> None:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"{Path(args.config).stem}_step.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
-    print(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    save_results(result, Path(args.out) if args.out else RESULTS / f"{Path(args.config).stem}_step.json")
 
 
 if __name__ == "__main__":

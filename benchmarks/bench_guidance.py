@@ -11,7 +11,6 @@ Our methods run through ``Trainer.predict`` as ``train.py predict`` does (model 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.results_file import RESULTS, save_results  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +39,7 @@ def main() -> None:
 
     from comat_lightning.guided_sampling import AStarGuidance, AttendAndExciteGuidance
     from comat_lightning.module import CoMatModule, SamplerConfig
+    from comat_lightning.prediction import concept_positions
     from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader
 
@@ -70,16 +72,9 @@ def main() -> None:
         trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
         loader = DataLoader([{"prompt": prompt, "concepts": words, "index": 0, "seed": 0}], batch_size=1, collate_fn=collate_prompts)
 
-        def run():
-            trainer.predict(module, dataloaders=loader)
-
-        results[name] = timed(run)
-        indices = None
-        if guidance is not None:
-            from comat_lightning.prediction import concept_positions
-
-            indices = concept_positions({"prompt": prompt, "concepts": words}, module.backbone.tokenizers[0], module.concept_parser)[1]
-        del module
+        results[name] = timed(lambda: trainer.predict(module, dataloaders=loader))
+    # diffusers' pipeline gets the same token positions our prediction used
+    indices = concept_positions({"prompt": prompt, "concepts": words}, module.backbone.tokenizers[0], module.concept_parser)[1]
 
     pipe = StableDiffusionAttendAndExcitePipeline.from_pretrained(resolve_model_path(args.model), safety_checker=None,
                                                                   feature_extractor=None, requires_safety_checker=False).to(device)  # fmt: skip
@@ -105,12 +100,7 @@ def main() -> None:
         "command": "python benchmarks/bench_guidance.py " + " ".join(sys.argv[1:]),
     }
     name = args.model.replace("tiny://", "tiny_").replace("/", "_")
-    out = REPO / "benchmarks" / "results" / f"guidance_{name}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out)
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {out}")
+    save_results(summary, RESULTS / f"guidance_{name}.json")
 
 
 if __name__ == "__main__":
