@@ -11,6 +11,13 @@ import torch
 from conftest import REPO, run_cli
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """LightningCLI saves the resolved config.yaml to the working folder when there is no logger: keep it out of
+    the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _config(tmp_path, model: dict, out: str = "out", extra_callbacks=()) -> str:
     import yaml
 
