@@ -1,13 +1,14 @@
-"""Tiny, offline stand-ins for Stable Diffusion 1.x, SDXL and BLIP.
+"""Tiny, offline stand-ins for Stable Diffusion 1.x, SDXL, BLIP and CLIP.
 
 No model hub is reachable where this project is built and tested, so tests and the demo use models built here
 from configs with fixed seeds, written with ``save_pretrained`` in the hub's folder layout, and then loaded back
 through exactly the same ``from_pretrained`` code a real user's hub id or folder takes.
 
-A config names them as ``tiny://sd``, ``tiny://sdxl``, ``tiny://blip``, ``tiny://grounding-dino`` or ``tiny://sam``
-(the last two built in :mod:`comat_lightning.tiny_detection_zoo`); :func:`resolve_model_path` builds the
-folder on first use (atomically: a half-built folder is never visible) under ``$COMAT_TINY_ZOO`` or
-``~/.cache/comat_lightning/tiny_zoo`` and returns its path. Building all five takes about two seconds.
+A config names them as ``tiny://sd``, ``tiny://sdxl``, ``tiny://blip``, ``tiny://clip`` (a ``CLIPModel`` with
+its ``CLIPProcessor``, for the CLIP score), ``tiny://grounding-dino`` or ``tiny://sam`` (the last two built in
+:mod:`comat_lightning.tiny_detection_zoo`); :func:`resolve_model_path` builds the folder on first use
+(atomically: a half-built folder is never visible) under ``$COMAT_TINY_ZOO`` or ``~/.cache/comat_lightning/tiny_zoo``
+and returns its path. Building all six takes about two seconds.
 
 Both tokenizers are hand-made but real: a byte-level BPE in CLIP's format (any text tokenizes; the words in
 ``WORDS`` are single tokens, other words split into several pieces) and a WordPiece vocab in BERT's format
@@ -29,7 +30,7 @@ TINY_SCHEME = "tiny://"
 # The cache key is a hash of the builders' files: any change to a builder invalidates previously built models.
 _BUILDER_FILES = (Path(__file__), Path(__file__).with_name("tiny_detection_zoo.py"))
 ZOO_VERSION = hashlib.sha256(b"".join(f.read_bytes() for f in _BUILDER_FILES)).hexdigest()[:12]
-TINY_MODELS = ("sd", "sdxl", "blip", "grounding-dino", "sam")
+TINY_MODELS = ("sd", "sdxl", "blip", "clip", "grounding-dino", "sam")
 
 # Words that get a token of their own. Prompts may use any other word: it is split into pieces.
 WORDS = """
@@ -100,7 +101,7 @@ def build_tiny_model(name: str, target: Path) -> None:
     try:
         from .tiny_detection_zoo import build_grounding_dino, build_sam
 
-        builders = {"sd": _build_sd, "sdxl": _build_sdxl, "blip": _build_blip}
+        builders = {"sd": _build_sd, "sdxl": _build_sdxl, "blip": _build_blip, "clip": _build_clip}
         builders.update({"grounding-dino": build_grounding_dino, "sam": build_sam})
         builders[name](tmp)
         (tmp / ".complete").write_text(ZOO_VERSION)
@@ -336,6 +337,25 @@ def _build_blip(folder: Path) -> None:
     model = BlipForConditionalGeneration(config)
     image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    model.save_pretrained(folder)
+
+
+def _build_clip(folder: Path) -> None:
+    """A CLIPModel (32 px images, 8 px patches, 16-d joint embedding) and its CLIPProcessor, for the CLIP score."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = _clip_tokenizer(folder, pad_token="<|endoftext|>")
+    config = CLIPConfig(
+        text_config=_text_encoder_config(len(tokenizer), tokenizer, projection_dim=16).to_dict(),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    model = _seeded(0, CLIPModel, config)
+    # The PIL backend is what CLIPImageProcessor falls back to without torchvision; naming it avoids that warning
+    # here, and the saved config loads with either backend.
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     model.save_pretrained(folder)
 
 
