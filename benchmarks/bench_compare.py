@@ -24,22 +24,16 @@ sys.path.insert(0, str(REPO))
 from benchmarks.results_file import RESULTS, save_results  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("configs", nargs="+", help="config files; ratios are relative to the first")
-    parser.add_argument("--name", required=True, help="results file name (benchmarks/results/<name>.json)")
-    parser.add_argument("--rounds", type=int, default=2, help="processes per config, alternating")
-    parser.add_argument("--steps", type=int, default=25, help="generator steps per process")
-    parser.add_argument("--warmup", type=int, default=5, help="first steps of each process left out")
-    args = parser.parse_args()
-
-    runs: dict[str, list[dict]] = {c: [] for c in args.configs}
+def compare(configs: list[str], rounds: int, steps: int, warmup: int, step_args: tuple[str, ...] = ()) -> dict:
+    """Run every config ``rounds`` times (alternating), each in a fresh bench_demo_step.py process; returns the
+    per-config medians, the ratios to the first config, and the machine."""
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
-        for round_index in range(args.rounds):
-            for config in args.configs:
+        for round_index in range(rounds):
+            for config in configs:
                 out = Path(tmp) / f"{round_index}-{Path(config).stem}.json"
                 cmd = [sys.executable, str(REPO / "benchmarks" / "bench_demo_step.py"), "--config", str(Path(config).resolve()),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out)]  # fmt: skip
+                       "--steps", str(steps), "--warmup", str(warmup), "--out", str(out), *step_args]  # fmt: skip
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 runs[config].append(json.loads(out.read_text()))
 
@@ -52,21 +46,32 @@ def main() -> None:
             "peak_rss_mib_max": max(r["peak_rss_mib"] for r in results),
             "peak_cuda_allocated_mib_max": max((r["peak_cuda_allocated_mib"] or 0) for r in results) or None,
         }
-    base = summary[args.configs[0]]
-    for config in args.configs[1:]:
+    base = summary[configs[0]]
+    for config in configs[1:]:
         entry = summary[config]
         entry["time_ratio_to_first"] = entry["seconds_per_generator_step_median"] / base["seconds_per_generator_step_median"]
         entry["peak_rss_ratio_to_first"] = entry["peak_rss_mib_max"] / base["peak_rss_mib_max"]
-    first = runs[args.configs[0]][0]
-    result = {
+    first = runs[configs[0]][0]
+    return {
         "configs": summary,
-        "rounds": args.rounds,
-        "steps_per_process": args.steps,
-        "warmup_steps": args.warmup,
+        "rounds": rounds,
+        "steps_per_process": steps,
+        "warmup_steps": warmup,
         "device": first["device"],
         "torch": first["torch"],
-        "command": "python benchmarks/bench_compare.py --name " + args.name + " " + " ".join(args.configs),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", help="config files; ratios are relative to the first")
+    parser.add_argument("--name", required=True, help="results file name (benchmarks/results/<name>.json)")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per config, alternating")
+    parser.add_argument("--steps", type=int, default=25, help="generator steps per process")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps of each process left out")
+    args = parser.parse_args()
+    result = compare(args.configs, args.rounds, args.steps, args.warmup)
+    result["command"] = "python benchmarks/bench_compare.py --name " + args.name + " " + " ".join(args.configs)
     save_results(result, RESULTS / f"{args.name}.json")
 
 

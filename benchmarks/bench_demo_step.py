@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="generator steps to run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the statistics")
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/<config>_step.json)")
+    parser.add_argument("--keep-logger", action="store_true", help="keep the config's logger (writes to a temp folder)")
     args = parser.parse_args()
     args.config = str(Path(args.config).resolve())  # the run happens in a temporary folder
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,8 +57,8 @@ def main() -> None:
         os.symlink(REPO / "data", Path(workdir) / "data")
         os.chdir(workdir)
         cli = cli_main(
-            args=["--config", args.config, f"--trainer.max_steps={args.steps}", "--trainer.logger=false",
-                  "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"],
+            args=["--config", args.config, f"--trainer.max_steps={args.steps}", "--trainer.limit_val_batches=0",
+                  "--trainer.enable_progress_bar=false", *([] if args.keep_logger else ["--trainer.logger=false"])],
             run=False,
         )
         # Measure training alone: no checkpoint or LoRA writes, no logger-bound monitors.

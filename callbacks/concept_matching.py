@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
+
+import torch
 
 from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds
 from comat_lightning.captioner import CaptionScorer, FirstToken, Reduction, reduce_caption_nll
@@ -49,6 +51,7 @@ class ConceptMatchingLoss(LossCallback):
         self.first_token: Literal["cls", "dec"] = first_token
         self.reduction = reduction
         self.max_crop = max_crop
+        self._reward_norm: Optional[torch.Tensor] = None
 
     def build(self, pl_module) -> CaptionScorer:
         return CaptionScorer(
@@ -61,5 +64,21 @@ class ConceptMatchingLoss(LossCallback):
 
     def compute(self, pl_module, generated: GeneratedBatch):
         scorer: CaptionScorer = pl_module.loss_modules[self.name]
-        per_sample, counts = scorer(generated.images, generated.prompts, generator=generated.generator)
+        images = generated.images
+        if images.requires_grad:
+            # A node of our own in front of the captioner: its gradient is the captioner's share only (other losses
+            # may read the same images), seen once by the hook during the generator's backward.
+            images = images.view_as(images)
+            images.register_hook(self._record_reward_norm)
+        per_sample, counts = scorer(images, generated.prompts, generator=generated.generator)
         return reduce_caption_nll(per_sample, counts, self.reduction), {}
+
+    def _record_reward_norm(self, grad: torch.Tensor) -> None:
+        # Official CoMat's `reward_norm`: how hard the judge pulls on the pixels. Per-image L2 norm of the gradient of
+        # the unweighted caption loss w.r.t. the decoded image, averaged over the batch.
+        per_image = torch.linalg.vector_norm(grad.detach().float().flatten(1), dim=1)
+        self._reward_norm = per_image.mean() / (self.weight if self.weight > 0 else 1.0)
+
+    def gradient_logs(self) -> dict[str, torch.Tensor]:
+        norm, self._reward_norm = self._reward_norm, None
+        return {} if norm is None else {"reward_norm": norm}

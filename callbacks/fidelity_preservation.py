@@ -125,9 +125,14 @@ class FidelityPreservationLoss(AdversarialLoss):
         loss = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits)) + F.binary_cross_entropy_with_logits(
             fake_logits, torch.zeros_like(fake_logits)
         )
+        real_logits, fake_logits = real_logits.detach(), fake_logits.detach()
         logs = {
-            "real_score": torch.sigmoid(real_logits.detach()).mean(),
-            "fake_score": torch.sigmoid(fake_logits.detach()).mean(),
+            "real_score": torch.sigmoid(real_logits).mean(),
+            "fake_score": torch.sigmoid(fake_logits).mean(),
+            # Per latent pixel, the share the discriminator gets right (logit > 0 means "real"): near 1 on both
+            # means the generator's latents have drifted visibly from the base model's; near 0.5 that they have not.
+            "real_accuracy": (real_logits > 0).float().mean(),
+            "fake_accuracy": (fake_logits < 0).float().mean(),
         }
         return loss, logs
 

@@ -20,6 +20,7 @@ from comat_lightning.attention_capture import CaptureRequest
 
 if TYPE_CHECKING:
     from comat_lightning.attention_capture import AttentionStore
+    from comat_lightning.attention_summary import StepAveragedMaps
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class GeneratedBatch:
     generator: Optional[torch.Generator] = None  # for a loss's own randomness (e.g. random crops), seeded per step
     attention: Optional["AttentionStore"] = None  # recorded cross-attention maps, if an active loss asked for them
     seed: int = 0  # the rollout's noise seed (a loss may derive its own seeded streams from it)
+    attention_summary: Optional["StepAveragedMaps"] = None  # validation/test: step-averaged maps for evaluation
 
     def records(self) -> list[dict[str, Any]]:
         """The batch as one record per sample (``{"prompt": ..., <JSONL fields>}``)."""
@@ -70,6 +72,11 @@ class LossCallback(Callback):
     def compute(self, pl_module, generated: GeneratedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return ``(unweighted scalar loss, extra scalars to log)``."""
         raise NotImplementedError
+
+    def gradient_logs(self) -> dict[str, torch.Tensor]:
+        """Scalars known only after the generator's backward (e.g. a gradient norm a tensor hook saw during
+        ``compute``'s graph); the module logs them as ``train/<name>/<key>`` after each backward."""
+        return {}
 
 
 class AdversarialLoss(LossCallback):

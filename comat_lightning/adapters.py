@@ -54,6 +54,9 @@ def using_adapter(module: nn.Module, name: Optional[str]) -> Iterator[None]:
     """Run ``module`` with only adapter ``name`` active (None: adapters disabled = the frozen base), then restore."""
     layers = lora_layers(module)
     previous = adapter_state(module)
+    if previous is None:  # no adapter at all: the module already is the base
+        yield
+        return
     apply_adapter_state(module, ((name,) if name else previous[0], name is None), layers)
     try:
         yield

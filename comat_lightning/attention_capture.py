@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -117,7 +117,10 @@ class AttentionStore:
 
     ``recording(step)`` opens a window for one UNet forward at denoising step ``step``; ``part="cond"`` keeps the
     second half of a classifier-free-guidance batch ([uncond, cond]), ``"all"`` keeps the whole batch. Opening a
-    window for a step replaces what that step held (e.g. repeated refinement forwards at the same step)."""
+    window for a step replaces what that step held (e.g. repeated refinement forwards at the same step).
+
+    ``listening(fn)`` registers a consumer that sees every forward call's probabilities, window or not (monitoring
+    and evaluation reduce them on the fly instead of keeping them)."""
 
     def __init__(self):
         self.layers: dict[str, CrossAttentionLayer] = {}
@@ -126,6 +129,7 @@ class AttentionStore:
         self.ignored_calls = 0  # processor calls outside a window or during backward (checkpoint re-runs)
         self._step: Optional[int] = None
         self._part: BatchPart = "cond"
+        self._listeners: list[Callable[[str, torch.Tensor], None]] = []
 
     def clear(self) -> None:
         self.maps = {}
@@ -142,12 +146,28 @@ class AttentionStore:
         finally:
             self._step = None
 
+    @contextlib.contextmanager
+    def listening(self, listener: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """Call ``listener(layer name, (B_total, heads, H*W, tokens) probabilities)`` on every forward call of a
+        capture processor (not on backward re-runs) while the context is open."""
+        self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            self._listeners.remove(listener)
+
     @property
     def steps(self) -> list[int]:
         return sorted(self.maps)
 
-    def offer(self, layer: str, probs: torch.Tensor) -> None:
-        """Called by the processor with (B_total, heads, H*W, tokens) probabilities."""
+    def offer(self, layer: str, probs: torch.Tensor, keep: bool = True) -> None:
+        """Called by the processor with (B_total, heads, H*W, tokens) probabilities. ``keep=False`` (layers captured
+        for listeners only, see :func:`temporary_capture`) never records into a window."""
+        if self._listeners and not _inside_backward():
+            for listener in self._listeners:
+                listener(layer, probs)
+        if not keep:
+            return
         if self._step is None or _inside_backward():
             self.ignored_calls += 1
             return
@@ -181,9 +201,10 @@ class AttentionCaptureProcessor:
     Same computation as diffusers' ``AttnProcessor`` except that the softmax runs in fp32 (the maps feed fp32
     losses) and is cast back to the value dtype for the weighted sum."""
 
-    def __init__(self, store: AttentionStore, layer: str):
+    def __init__(self, store: AttentionStore, layer: str, keep: bool = True):
         self.store = store
         self.layer = layer
+        self.keep = keep  # False: only the store's listeners see this layer (it is not one the losses read)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         residual = hidden_states
@@ -208,7 +229,7 @@ class AttentionCaptureProcessor:
         if attention_mask is not None:
             scores = scores + attention_mask.float()
         probs = scores.softmax(dim=-1)
-        self.store.offer(self.layer, probs.view(batch, attn.heads, queries, -1))
+        self.store.offer(self.layer, probs.view(batch, attn.heads, queries, -1), keep=self.keep)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout
@@ -226,6 +247,28 @@ def install_capture(unet: nn.Module, layers: Sequence[CrossAttentionLayer], stor
     for layer in layers:
         modules[layer.name].set_processor(AttentionCaptureProcessor(store, layer.name))
         store.layers[layer.name] = layer
+
+
+@contextlib.contextmanager
+def temporary_capture(unet: nn.Module, layers: Sequence[CrossAttentionLayer], store: AttentionStore) -> Iterator[None]:
+    """Let ``store``'s listeners see ``layers`` for the duration of the context only, then give every layer back the
+    processor it had: monitoring pays for the explicit softmax on the steps it logs, not on every training step.
+    Layers that already capture into ``store`` are left as they are; the others are not recorded into windows (the
+    losses never see layers they did not ask for)."""
+    modules = dict(unet.named_modules())
+    replaced = {}
+    for layer in layers:
+        module = modules[layer.name]
+        current = module.processor
+        if isinstance(current, AttentionCaptureProcessor) and current.store is store:
+            continue
+        replaced[layer.name] = current
+        module.set_processor(AttentionCaptureProcessor(store, layer.name, keep=False))
+    try:
+        yield
+    finally:
+        for name, processor in replaced.items():
+            modules[name].set_processor(processor)
 
 
 def choose_capture_steps(gradient_steps: Sequence[int], num_steps: int, with_replacement: bool, generator: torch.Generator) -> list[int]:
@@ -251,4 +294,5 @@ __all__ = [
     "cross_attention_layers",
     "install_capture",
     "select_layers",
+    "temporary_capture",
 ]

@@ -61,9 +61,10 @@ class CaptionScorer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ inputs
 
-    def preprocess(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """(B, 3, H, W) images in [0, 1] (not clamped) -> (B, 3, S, S) BLIP pixel values, differentiably."""
-        if self.max_crop > 0:
+    def preprocess(self, images: torch.Tensor, generator: Optional[torch.Generator] = None, crop: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] (not clamped) -> (B, 3, S, S) BLIP pixel values, differentiably.
+        ``crop=False`` skips the random crop (evaluation scores the whole image, deterministically)."""
+        if crop and self.max_crop > 0:
             offsets = torch.randint(0, self.max_crop + 1, (images.shape[0], 2), generator=generator).tolist()
             h, w = images.shape[-2] - self.max_crop, images.shape[-1] - self.max_crop
             images = torch.stack([img[:, top : top + h, left : left + w] for img, (top, left) in zip(images, offsets)])
@@ -97,10 +98,12 @@ class CaptionScorer(nn.Module):
         )
         return losses, shifted_labels != -100
 
-    def forward(self, images: torch.Tensor, prompts: list[str], generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, prompts: list[str], generator: Optional[torch.Generator] = None, crop: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(per_sample_nll (B,), token_counts (B,))``; reduce with :func:`reduce_caption_nll`."""
         text = self.tokenize(prompts)
-        losses, scored = self.token_losses(self.preprocess(images, generator), **text)
+        losses, scored = self.token_losses(self.preprocess(images, generator, crop=crop), **text)
         counts = scored.sum(dim=1)
         return losses.sum(dim=1) / counts.clamp(min=1), counts
 

@@ -27,22 +27,17 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossCallback, LossNeeds, active_losses, merge_needs
-from comat_lightning.adapters import checkpoint_keeping_adapters, using_adapter
-from comat_lightning.attention_capture import (
-    AttentionStore,
-    Block,
-    LayerSelection,
-    choose_capture_steps,
-    install_capture,
-    select_layers,
-)
-from comat_lightning.guided_sampling import AttentionGuidance
-from comat_lightning.prompt_parsing import EntityParser
+from comat_lightning.adapters import checkpoint_keeping_adapters
+from comat_lightning.attention_capture import AttentionStore, Block, LayerSelection, install_capture, select_layers
+from comat_lightning.attention_summary import summarizing_attention
 from comat_lightning.diffusion_model import Conditioning, DiffusionBackbone, ModelFamily
+from comat_lightning.guided_sampling import AttentionGuidance
 from comat_lightning.options import LoraConfig, OptimizerConfig, SamplerConfig, check_options, check_resolution
+from comat_lightning.prompt_parsing import EntityParser
+from comat_lightning.rollout import EvenlySpacedSteps, GradientStepPolicy
+from comat_lightning.sampling import RolloutSampling
+from comat_lightning.step_statistics import StepClock, gradient_norm, peak_memory_gib
 from comat_lightning.training_state import CheckpointState, use_atomic_checkpoint_io
-from comat_lightning.rollout import EvenlySpacedSteps, GradientStepPolicy, initial_noise, sample_latents
-
 
 # Offsets that keep the seed streams apart: per-step rollout noise uses _seed(rank) directly (< 2**40 for any
 # seed < 1e6), validation and the gradient-step policy draw from their own ranges.
@@ -50,7 +45,7 @@ _VALIDATION_SEED_OFFSET = 2**40
 _POLICY_SEED_OFFSET = 2**41
 
 
-class CoMatModule(CheckpointState, LightningModule):
+class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
     """Args:
         pretrained_model: SD 1.x/2.x or SDXL pipeline, hub id or folder (``tiny://sd`` for the built-in demo).
         unet_path: replace the pipeline's UNet (e.g. the paper's SDXL UNet fine-tuned at 512 px).
@@ -117,6 +112,7 @@ class CoMatModule(CheckpointState, LightningModule):
         self.needs = LossNeeds()
         self.attention_store = AttentionStore()  # cross-attention maps of the current step (only if a loss asks)
         self._empty_prompt: Optional[Conditioning] = None
+        self._clock = StepClock()
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -206,6 +202,13 @@ class CoMatModule(CheckpointState, LightningModule):
         with torch.inference_mode(False):
             return predict_batch(self, batch)
 
+    def configure_callbacks(self):
+        """Lightning's default progress bar counts batches per epoch; ours counts generator steps toward max_steps."""
+        from callbacks.progress import generator_step_bar
+
+        bar = generator_step_bar(self.trainer.progress_bar_callback)
+        return [bar] if bar is not None else []
+
     def configure_optimizers(self):
         cfg = self.optimizer_config
         critic = self.adversary.discriminator_parameters(self) if self.adversary is not None else []
@@ -220,8 +223,10 @@ class CoMatModule(CheckpointState, LightningModule):
         return [optimizer, critic_optimizer], [schedule, critic_schedule]
 
     # ------------------------------------------------------------------------------------------ training
+    # (sampling mechanics: comat_lightning/sampling.py)
 
     def training_step(self, batch: dict, batch_idx: int):
+        self._clock.start(self.device)
         optimizers, schedules = self.optimizers(), self.lr_schedulers()
         optimizer, lr_schedule = (optimizers[0], schedules[0]) if isinstance(optimizers, list) else (optimizers, schedules)
         # Generator phase: only the generator's weights require grad (the discriminator is frozen for its term).
@@ -236,9 +241,15 @@ class CoMatModule(CheckpointState, LightningModule):
 
         batch_size = len(generated.prompts)
         for name, value in logs.items():
-            self.log(f"train/{name}", value, prog_bar=name in ("loss", *(term.name for term in self.losses)), batch_size=batch_size)
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        for name in ("loss", *(term.name for term in self.losses)):  # the progress bar: short names, not logged twice
+            self.log(name, logs[name], prog_bar=True, logger=False, batch_size=batch_size)
         self.log("train/lr", lr_schedule.get_last_lr()[0], batch_size=batch_size)
         self.log("train/generator_step", float(self.generator_step), batch_size=batch_size)
+        seconds = self._clock.seconds(self.device)
+        self.log("perf/seconds_per_step", seconds, batch_size=batch_size)
+        self.log("perf/images_per_second", batch_size * self.trainer.world_size / seconds, batch_size=batch_size)
+        self.log("perf/peak_memory_gib", peak_memory_gib(self.device), batch_size=batch_size)
         return loss
 
     def _generator_step(self, batch: dict, optimizer, lr_schedule):
@@ -253,14 +264,22 @@ class CoMatModule(CheckpointState, LightningModule):
         # 4. Generator update. A loss with no graph (e.g. attribute concentration alone on a batch where no entity
         #    was found) has nothing to back-propagate: the step is then a no-op for the weights, but still counts.
         optimizer.zero_grad(set_to_none=True)
+        grad_norm = torch.zeros(())
         if loss.requires_grad:
             self.manual_backward(loss)
+            grad_norm = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
             if self.optimizer_config.grad_clip is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=self.optimizer_config.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step (memory)
         lr_schedule.step()
         logs = {"loss": loss.detach(), **{name: value.detach() for name, value in {**terms, **extras}.items()}}
+        # Each term's share of the total: which loss drives the update (0 when the total is 0).
+        total = loss.detach()
+        logs.update({f"share/{name}": (value.detach() / total if total != 0 else torch.zeros(())) for name, value in terms.items()})
+        logs["grad_norm"] = grad_norm
+        for term in self.losses:  # scalars only known after backward (e.g. the captioner's gradient on the image)
+            logs.update({f"{term.name}/{k}": v for k, v in term.gradient_logs().items()})
         return loss.detach(), generated, logs
 
     def _discriminator_step(self, generated: GeneratedBatch, optimizer, lr_schedule) -> dict[str, torch.Tensor]:
@@ -268,6 +287,7 @@ class CoMatModule(CheckpointState, LightningModule):
         loss, extras = adversary.discriminator_loss(self, generated)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        extras["grad_norm"] = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
         if adversary.grad_clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=adversary.grad_clip, gradient_clip_algorithm="norm")
         # The plain torch optimizer steps: Lightning's wrapper would count this as a training step, and
@@ -276,20 +296,40 @@ class CoMatModule(CheckpointState, LightningModule):
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
         prefix = f"{adversary.name}/discriminator"
+        extras["lr"] = torch.tensor(lr_schedule.get_last_lr()[0])
         return {prefix: loss.detach(), **{f"{prefix}_{k}": v.detach() for k, v in extras.items()}}
 
-    def validation_step(self, batch: dict, batch_idx: int):
+    def validation_step(self, batch: dict, batch_idx: int) -> GeneratedBatch:
+        return self._evaluation_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> GeneratedBatch:
+        return self._evaluation_step(batch, batch_idx, "test")
+
+    def _evaluation_step(self, batch: dict, batch_idx: int, stage: str) -> GeneratedBatch:
+        """One gradient-free rollout per batch; the loss terms are logged as ``<stage>/<name>``, and the rollout is
+        returned for evaluation callbacks (``callbacks.CompositionMetrics``), with the images decoded and, if
+        they ask, the step-averaged attention maps of the layers they read."""
+        from callbacks.composition_metrics import CompositionMetrics
+
         # Fixed seeds per batch index, outside the range training uses, so validation curves are comparable.
         seed = self.seed + _VALIDATION_SEED_OFFSET + batch_idx * 1_000
         _, capture = self.choose_steps(torch.Generator().manual_seed(seed))  # maps at the steps training would use
-        generated = self.generate(batch, seed=seed + self.global_rank, capture_steps=capture)
+        evaluator = next((cb for cb in self.trainer.callbacks if isinstance(cb, CompositionMetrics)), None)
+        layers = evaluator.attention_layers(self) if evaluator is not None else None
+        with summarizing_attention(self, layers) if layers is not None else contextlib.nullcontext() as summary:
+            generated = self.generate(
+                batch, seed=seed + self.global_rank, capture_steps=capture, decode=True if evaluator is not None else None,
+                step_hook=summary.step_hook if summary is not None else None,
+            )  # fmt: skip
+        generated.attention_summary = summary
         terms, extras = self.loss_terms(generated)
         self.attention_store.clear()
         batch_size = len(generated.prompts)
         for name, value in {**terms, **extras}.items():
-            self.log(f"val/{name}", value, on_epoch=True, sync_dist=True, batch_size=batch_size)
+            self.log(f"{stage}/{name}", value, on_epoch=True, sync_dist=True, batch_size=batch_size)
         if terms:
-            self.log("val/loss", torch.stack(list(terms.values())).sum(), on_epoch=True, sync_dist=True, batch_size=batch_size)
+            self.log(f"{stage}/loss", torch.stack(list(terms.values())).sum(), on_epoch=True, sync_dist=True, batch_size=batch_size)
+        return generated
 
     def loss_terms(self, generated: GeneratedBatch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         terms, extras = {}, {}
@@ -298,89 +338,6 @@ class CoMatModule(CheckpointState, LightningModule):
             terms[loss.name] = loss.weight * value
             extras.update({f"{loss.name}/{k}": v for k, v in logs.items()})
         return terms, extras
-
-    # ------------------------------------------------------------------------------------------ sampling
-
-    def choose_steps(self, generator: torch.Generator) -> tuple[list[int], list[int]]:
-        """(gradient steps, the subset whose cross-attention maps are recorded) for one rollout."""
-        steps = self.gradient_steps.select(self.sampler.num_inference_steps, generator)
-        request = self.needs.attention
-        if request is None:
-            return steps, []
-        return steps, choose_capture_steps(steps, request.num_steps, request.with_replacement, generator)
-
-    def generate(self, batch: dict, seed: int, gradient_steps=(), capture_steps=()) -> GeneratedBatch:
-        """Roll out the online model for ``batch["prompt"]``; decode if an active loss needs pixels; record the
-        conditional pass's cross-attention maps at ``capture_steps``."""
-        prompts = list(batch["prompt"])
-        generator = torch.Generator().manual_seed(seed)
-        store = self.attention_store
-        store.clear()
-        capture_steps = set(capture_steps)
-
-        def record(step: int, carries_grad: bool):
-            return store.recording(step, part="cond") if step in capture_steps else contextlib.nullcontext()
-
-        latents = self.sample(prompts, generator, gradient_steps=gradient_steps, step_hook=record if capture_steps else None)
-        images = self.decode(latents) if self.needs.decoded_image else None
-        attention = store if self.needs.attention is not None else None
-        return GeneratedBatch(
-            prompts=prompts, latents=latents, images=images, batch=batch, generator=generator, attention=attention, seed=seed
-        )
-
-    def sample(
-        self, prompts: list[str], generator: torch.Generator, gradient_steps=(), unet: Optional[nn.Module] = None, step_hook=None
-    ) -> torch.Tensor:
-        """Final latents (B, 4, h, w), fp32. ``unet`` defaults to the online UNet."""
-        backbone, cfg = self.backbone, self.sampler
-        scheduler = self.make_scheduler()  # a fresh instance: schedulers keep per-rollout state
-        scheduler.set_timesteps(cfg.num_inference_steps, device=self.device)
-        latent_size = cfg.resolution // backbone.vae_scale_factor
-        latents = initial_noise(len(prompts), backbone.unet.config.in_channels, latent_size, generator, self.device, scheduler.init_noise_sigma)
-        return sample_latents(
-            unet or backbone.unet,
-            scheduler,
-            backbone.encode_prompts(prompts, cfg.resolution),
-            self.empty_prompt().expand(len(prompts)),
-            latents,
-            cfg.guidance_scale,
-            generator=generator,
-            gradient_steps=gradient_steps,
-            detach_unet_input=cfg.detach_unet_input,
-            step_hook=step_hook,
-        )
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode with gradient; returns x / 2 + 0.5, not clamped (the reward sees the raw decoder output).
-        Never in fp16: SDXL's VAE overflows there, so fp16 autocast is lifted to fp32 for the decode."""
-        vae = self.backbone.vae
-        fp16 = torch.is_autocast_enabled(self.device.type) and torch.get_autocast_dtype(self.device.type) == torch.float16
-        with torch.autocast(self.device.type, enabled=False) if fp16 else contextlib.nullcontext():
-            dtype = torch.float32 if fp16 else vae.dtype
-            image = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample
-        return image.float() / 2 + 0.5
-
-    def make_scheduler(self):
-        import diffusers
-
-        return getattr(diffusers, self.sampler.scheduler).from_config(self.backbone.scheduler_config)
-
-    def empty_prompt(self) -> Conditioning:
-        """The unconditional embedding, encoded once (batch 1) and cached on the current device."""
-        cached = self._empty_prompt
-        if cached is None or cached.embeds.device != self.device:
-            self._empty_prompt = cached = self.backbone.encode_prompts([""], self.sampler.resolution)
-        return cached
-
-    @contextlib.contextmanager
-    def frozen_base(self):
-        """The frozen base UNet: the online UNet with its adapter disabled (LoRA) or the kept copy (full)."""
-        if self.base_unet is not None:
-            yield self.base_unet
-            return
-        unet = self.backbone.unet
-        with using_adapter(unet, None):  # not PEFT's disable/enable_adapters: those also flip requires_grad
-            yield unet
 
     def _seed(self, rank: int) -> int:
         # Distinct per (generator step, rank); a pure function of the step, so resumed runs draw the same noise.

@@ -114,9 +114,15 @@ def write_shard(path: Path, latents: torch.Tensor, metadata: dict[str, str]) -> 
 
 
 def generate_latents(
-    module, prompts: Sequence[str], seeds: Sequence[int], batch_size: int, forward_context: Callable = contextlib.nullcontext
+    module,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    batch_size: int,
+    forward_context: Callable = contextlib.nullcontext,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> torch.Tensor:
-    """Final latents (n, 4, h, w) float32 on the CPU of the module's frozen base, one generator per prompt."""
+    """Final latents (n, 4, h, w) float32 on the CPU of the module's frozen base, one generator per prompt;
+    ``progress(n)`` is told after each batch of n prompts."""
     out = []
     for start in range(0, len(prompts), batch_size):
         # diffusers' randn_tensor draws sample i from generators[i] (initial noise and every DDPM step's noise).
@@ -124,6 +130,8 @@ def generate_latents(
         with torch.no_grad(), forward_context(), module.frozen_base() as unet:
             latents = module.sample(list(prompts[start : start + batch_size]), generators, unet=unet)
         out.append(latents.detach().to("cpu", torch.float32))
+        if progress is not None:
+            progress(len(latents))
     return torch.cat(out)
 
 
@@ -144,8 +152,10 @@ def write_real_latents(
     context: dict[str, str],
     forward_context: Callable = contextlib.nullcontext,
     log: Callable[[str], None] = print,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> dict[str, int]:
-    """Make ``output`` hold one valid shard per ``shard_size`` prompts and the JSONL index; return the counts."""
+    """Make ``output`` hold one valid shard per ``shard_size`` prompts and the JSONL index; return the counts.
+    ``progress(n)`` is told each time n more prompts are done (generated, or found in a valid shard)."""
     from comat_lightning.prepare_entities import write_jsonl_atomically
 
     output.mkdir(parents=True, exist_ok=True)
@@ -165,11 +175,13 @@ def write_real_latents(
         if reason is None:
             counts["kept"] += 1
             log(f"{where}: kept")
+            if progress is not None:
+                progress(shard.count)
             continue
         index.unlink(missing_ok=True)  # the index never names a shard that is being replaced
         started = time.monotonic()
         seeds = [latent_seed(seed, i) for i in range(span.start, span.stop)]
-        latents = generate_latents(module, prompts[span], seeds, batch_size, forward_context)
+        latents = generate_latents(module, prompts[span], seeds, batch_size, forward_context, progress)
         write_shard(path, latents, metadata)
         counts["generated" if reason == "missing" else "regenerated"] += 1
         done = f"generated in {time.monotonic() - started:.1f} s"
@@ -246,6 +258,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "seed_rule": f"seed * {SEED_STRIDE} + prompt index",
     }
     print(f"{len(records)} prompts from {prompts_file}, {precision} on {module.device}, batches of {batch_size}", flush=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(records), unit="prompt", desc="real latents", dynamic_ncols=True)
     counts = write_real_latents(
         module,
         records,
@@ -255,8 +270,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         seed=args.seed,
         context=context,
         forward_context=trainer.precision_plugin.forward_context,
-        log=lambda line: print(line, flush=True),
+        log=bar.write,  # lines above the bar, not through it
+        progress=bar.update,
     )
+    bar.close()
     print(
         f"{len(records)} prompts -> {counts['generated'] + counts['regenerated'] + counts['kept']} shards in {args.output} "
         f"({counts['generated']} generated, {counts['regenerated']} regenerated, {counts['kept']} kept) in "

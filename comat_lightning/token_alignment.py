@@ -85,6 +85,20 @@ def align_entities(prompt: str, entities: Sequence[Entity], tokenizer) -> list[A
 
 def _align(prompt: str, entities: Sequence[Entity], tokenizer) -> list[AlignedEntity]:
     words = list(dict.fromkeys(w for e in entities for w in (e.noun, *e.attributes)))
+    positions = word_positions(prompt, words, tokenizer)
+    aligned = []
+    for entity in entities:
+        if not positions[entity.noun]:
+            continue  # noun cut off by truncation: the text encoder never sees it
+        attribute_positions = sorted({p for w in entity.attributes for p in positions[w]})
+        aligned.append(AlignedEntity(entity, positions[entity.noun], tuple(attribute_positions)))
+    return aligned
+
+
+def word_positions(prompt: str, words: Sequence[Word], tokenizer) -> dict[Word, tuple[int, ...]]:
+    """Each word's token positions in the text encoder input (several for a multi-piece word; empty when truncation
+    cut it off). A word that is not where it claims to be in ``prompt`` is an error."""
+    words = list(dict.fromkeys(words))
     for word in words:
         if prompt[word.start : word.end] != word.text:
             raise ValueError(
@@ -101,10 +115,4 @@ def _align(prompt: str, entities: Sequence[Entity], tokenizer) -> list[AlignedEn
         if not span:
             raise ValueError(f"word {word.text!r} at offset {word.start} of prompt {prompt!r} has no tokens")
         positions[word] = tuple(p for p in span if limit is None or p < limit - 1)
-    aligned = []
-    for entity in entities:
-        if not positions[entity.noun]:
-            continue  # noun cut off by truncation: the text encoder never sees it
-        attribute_positions = sorted({p for w in entity.attributes for p in positions[w]})
-        aligned.append(AlignedEntity(entity, positions[entity.noun], tuple(attribute_positions)))
-    return aligned
+    return positions

@@ -260,6 +260,7 @@ class PromptDataModule(LightningDataModule):
             (4, latent_resolution // 8, latent_resolution // 8). None: only (4, h, w) with one common (h, w).
         predict_file: prompts for ``train.py predict`` (default: ``train_file``); records get their 0-based
             ``"index"`` in the file (image names and default seeds derive from it).
+        test_file: held-out prompts for ``train.py test`` (default: the validation prompts).
     """
 
     def __init__(
@@ -273,6 +274,7 @@ class PromptDataModule(LightningDataModule):
         tokenizer_model: Optional[str] = None,
         latent_resolution: Optional[int] = None,
         predict_file: Optional[str] = None,
+        test_file: Optional[str] = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -288,14 +290,19 @@ class PromptDataModule(LightningDataModule):
         self.tokenizer_model = tokenizer_model
         self.latent_resolution = latent_resolution
         self.predict_file = predict_file
+        self.test_file = test_file
         self.train_records: list[dict] = []
         self.val_records: list[dict] = []
         self.predict_records: list[dict] = []
+        self.test_records: list[dict] = []
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage == "predict":
             path = self.predict_file or self.train_file
             self.predict_records = [{**record, "index": i} for i, record in enumerate(read_prompt_file(path))]
+            return
+        if stage == "test" and self.test_file:
+            self.test_records = read_prompt_file(self.test_file)
             return
         if self.train_records or self.val_records:
             return
@@ -355,10 +362,18 @@ class PromptDataModule(LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        if not self.val_records:
+        return self._evaluation_loader(self.val_records)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.test_file and not self.val_records:
+            raise ValueError("train.py test needs held-out prompts: set data.test_file (or data.val_file / data.val_size)")
+        return self._evaluation_loader(self.test_records if self.test_file else self.val_records)
+
+    def _evaluation_loader(self, records: list[dict]) -> DataLoader:
+        if not records:
             return []
         return DataLoader(
-            PromptDataset(self.val_records),
+            PromptDataset(records),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
