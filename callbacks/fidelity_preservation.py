@@ -34,6 +34,7 @@ class FidelityPreservationLoss(AdversarialLoss):
             pipeline (hub id / folder) whose UNet becomes a separate backbone (official SDXL code: an SD1.5 UNet).
         lora_rank / lora_alpha / target_modules: the discriminator's LoRA.
         lr, betas, weight_decay, grad_clip: the discriminator's AdamW (published lr: 2e-5 SD1.5 / 5e-5 SDXL).
+        optimizer: "adamw", or bitsandbytes' "adamw8bit" / "paged_adamw8bit" (8-bit state).
     """
 
     needs = LossNeeds()  # reads the final latents only
@@ -50,6 +51,7 @@ class FidelityPreservationLoss(AdversarialLoss):
         betas: tuple[float, float] = (0.0, 0.999),
         weight_decay: float = 1e-2,
         grad_clip: Optional[float] = 1.0,
+        optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw",
         name: str = "fidelity_preservation",
     ):
         super().__init__(weight=weight, name=name)
@@ -64,12 +66,15 @@ class FidelityPreservationLoss(AdversarialLoss):
             problems.append(f"grad_clip must be > 0 (or null), got {grad_clip}")
         if weight_decay < 0:
             problems.append(f"weight_decay must be >= 0, got {weight_decay}")
+        if optimizer not in ("adamw", "adamw8bit", "paged_adamw8bit"):
+            problems.append(f"optimizer must be adamw, adamw8bit or paged_adamw8bit, got {optimizer!r}")
         if problems:
             raise ValueError("FidelityPreservationLoss: " + "; ".join(problems))
         self.real_latents = real_latents
         self.discriminator_model = discriminator_model
         self.lora_rank, self.lora_alpha, self.target_modules = lora_rank, lora_alpha, list(target_modules)
         self.lr, self.betas, self.weight_decay, self.grad_clip = lr, tuple(betas), weight_decay, grad_clip
+        self.optimizer = optimizer
 
     # ---------------------------------------------------------------------------------------- the network
 
@@ -107,7 +112,9 @@ class FidelityPreservationLoss(AdversarialLoss):
         return discriminator.lora_parameters() + list(discriminator.head.parameters())
 
     def configure_discriminator_optimizer(self, params):
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        from comat_lightning.options import build_optimizer
+
+        optimizer = build_optimizer(self.optimizer, params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant, as published
 
     # ---------------------------------------------------------------------------------------- the two losses

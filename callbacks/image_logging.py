@@ -85,31 +85,37 @@ class MonitorPrompts(Callback):
     def seeds(self, records: list[dict[str, Any]]) -> list[int]:
         return [int(r["seed"]) if r.get("seed") is not None else self.seed + i for i, r in enumerate(records)]
 
-    def due(self, pl_module) -> bool:
+    def due(self, trainer, pl_module) -> bool:
+        """A logging step, and somewhere to log to (without a TensorBoard logger nothing is sampled)."""
+        if not self._tensorboard_loggers(trainer):
+            if not self._warned:
+                warnings.warn(f"{type(self).__name__}: no TensorBoardLogger in trainer.logger; it samples and logs nothing", stacklevel=2)
+                self._warned = True
+            return False
         return pl_module.generator_step % self.every_n_steps == 0
+
+    @staticmethod
+    def _tensorboard_loggers(trainer) -> list:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
     def write(self, trainer, tag: str, image: torch.Tensor, step: int) -> None:
         """Rank 0 adds ``image`` (3, H, W) in [0, 1] to every TensorBoard logger of the trainer."""
         if not trainer.is_global_zero:
             return
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers and not self._warned:
-            warnings.warn(f"{type(self).__name__}: no TensorBoardLogger in trainer.logger, images are not logged", stacklevel=2)
-            self._warned = True
-        for logger in loggers:
+        for logger in self._tensorboard_loggers(trainer):
             logger.experiment.add_image(tag, image.clamp(0, 1), global_step=step, dataformats="CHW")
 
     def log_images(self, trainer, pl_module) -> None:
         raise NotImplementedError
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.due(pl_module):  # step 0 (or a resumed step on the grid): the starting point
+        if self.due(trainer, pl_module):  # step 0 (or a resumed step on the grid): the starting point
             self.log_images(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.due(pl_module):
+        if self.due(trainer, pl_module):
             self.log_images(trainer, pl_module)
 
 
@@ -161,7 +167,7 @@ class SampleImageLogger(MonitorPrompts):
         self.write(trainer, "samples/base_vs_finetuned", grid, step)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and self._tensorboard_loggers(trainer):
             self.log_images(trainer, pl_module)
 
 

@@ -32,7 +32,7 @@ from comat_lightning.attention_capture import AttentionStore, Block, LayerSelect
 from comat_lightning.attention_summary import summarizing_attention
 from comat_lightning.diffusion_model import Conditioning, DiffusionBackbone, ModelFamily
 from comat_lightning.guided_sampling import AttentionGuidance
-from comat_lightning.options import LoraConfig, OptimizerConfig, SamplerConfig, check_options, check_resolution
+from comat_lightning.options import LoraConfig, OptimizerConfig, SamplerConfig, build_optimizer, check_options, check_resolution, check_trainer
 from comat_lightning.prompt_parsing import EntityParser
 from comat_lightning.rollout import EvenlySpacedSteps, GradientStepPolicy
 from comat_lightning.sampling import RolloutSampling
@@ -131,6 +131,10 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
                 f"trainer.precision={precision}: fp16 loss scaling is not supported with {type(adversary).__name__} "
                 "(its discriminator step bypasses the gradient scaler); use bf16-mixed or 32-true"
             )
+        optimizers = {"model.optimizer.name": self.optimizer_config.name}
+        if adversary is not None:
+            optimizers[f"{type(adversary).__name__}.optimizer"] = getattr(adversary, "optimizer", "adamw")
+        check_trainer(self.trainer, optimizers, adversarial=adversary is not None)
         use_atomic_checkpoint_io(self.trainer)
 
     def configure_model(self) -> None:
@@ -214,7 +218,7 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         critic = self.adversary.discriminator_parameters(self) if self.adversary is not None else []
         critic_ids = {id(p) for p in critic}
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in critic_ids]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+        optimizer = build_optimizer(cfg.name, params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
         warmup = max(cfg.warmup_steps, 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         if not critic:

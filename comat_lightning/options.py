@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 
@@ -35,10 +35,14 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
+OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
+
+
 @dataclass
 class OptimizerConfig:
-    """Generator optimizer (AdamW). Published: lr 5e-5 (SD1.5) / 2e-5 (SDXL), constant LR."""
+    """Generator optimizer. Published: AdamW, lr 5e-5 (SD1.5) / 2e-5 (SDXL), constant LR."""
 
+    name: OptimizerName = "adamw"  # adamw8bit / paged_adamw8bit: bitsandbytes, 8-bit state for tensors >= 4096 elements
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-2
@@ -46,6 +50,53 @@ class OptimizerConfig:
     grad_clip: Optional[float] = 0.1  # max gradient norm; None disables clipping
     warmup_steps: int = 0  # linear warm-up, then constant
 
+
+def build_optimizer(name: OptimizerName, params, lr: float, betas, weight_decay: float, eps: float = 1e-8) -> torch.optim.Optimizer:
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW (optionally paged: state in unified memory that is evicted to
+    the CPU under GPU memory pressure). 8-bit state quarters the optimizer memory of large tensors; smaller ones
+    (< 4096 elements, bitsandbytes' default) keep 32-bit state."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+    if name in ("adamw8bit", "paged_adamw8bit"):
+        try:
+            import bitsandbytes.optim as bnb_optim
+        except ImportError as err:  # also raised by a bitsandbytes build that does not match the machine
+            raise ImportError(f"optimizer {name!r} needs bitsandbytes (pip install 'bitsandbytes>=0.45'): {err}") from err
+        cls = bnb_optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb_optim.AdamW8bit
+        return cls(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+    raise ValueError(f"unknown optimizer {name!r}; expected adamw, adamw8bit or paged_adamw8bit")
+
+
+def check_trainer(trainer, optimizers: dict[str, str], adversarial: bool) -> None:
+    """Refuse trainer settings this module cannot run, before any model loads; each message names the setting
+    and what to use instead. ``optimizers`` maps option name -> optimizer name (generator and discriminator)."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy, problems = trainer.strategy, []
+    if isinstance(strategy, DeepSpeedStrategy):
+        problems.append("trainer.strategy=deepspeed: DeepSpeed supports one optimizer and automatic optimization; this "
+                        "module steps a generator and a discriminator optimizer by hand. Use ddp (several GPUs) or "
+                        "bf16-mixed with model.gradient_checkpointing and adamw8bit to save memory")  # fmt: skip
+    if isinstance(strategy, FSDPStrategy):
+        problems.append("trainer.strategy=fsdp: Lightning's FSDPStrategy cannot run manual optimization with two "
+                        "optimizers. Use ddp_find_unused_parameters_true (the LoRA weights are small, so sharding "
+                        "them saves little)")  # fmt: skip
+    sharded = isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+    for option, name in optimizers.items():
+        if name != "adamw" and sharded:
+            problems.append(f"{option}={name} with a sharded strategy ({type(strategy).__name__}): bitsandbytes' 8-bit "
+                            "state does not work on sharded (DTensor) parameters; use adamw")  # fmt: skip
+    if adversarial and isinstance(strategy, DDPStrategy) and strategy.world_size > 1 and not strategy._ddp_kwargs.get("find_unused_parameters"):
+        problems.append("trainer.strategy=ddp with an adversarial loss: each phase leaves the other's parameters "
+                        "without gradient, which DDP rejects; use strategy: ddp_find_unused_parameters_true")  # fmt: skip
+    if trainer.gradient_clip_val is not None:
+        problems.append(f"trainer.gradient_clip_val={trainer.gradient_clip_val}: the module clips by hand (manual "
+                        "optimization); set model.optimizer.grad_clip (and the adversarial loss's grad_clip) instead")  # fmt: skip
+    precision = str(trainer.precision)
+    if precision.startswith("16") and strategy.root_device.type == "cpu":
+        problems.append(f"trainer.precision={precision} on CPU: fp16 autocast is not supported there; use bf16-mixed or 32-true")
+    if problems:
+        raise ValueError("unsupported trainer settings:\n  " + "\n  ".join(problems))
 
 
 def check_options(sampler: SamplerConfig, gradient_steps: GradientStepPolicy, lora: LoraConfig, optimizer: OptimizerConfig, finetune: str) -> None:
@@ -77,6 +128,8 @@ def check_options(sampler: SamplerConfig, gradient_steps: GradientStepPolicy, lo
         problems.append(f"model.optimizer.grad_clip={optimizer.grad_clip}: must be > 0 (or null to disable)")
     if optimizer.weight_decay < 0:
         problems.append(f"model.optimizer.weight_decay={optimizer.weight_decay}: must be >= 0")
+    if optimizer.name not in ("adamw", "adamw8bit", "paged_adamw8bit"):
+        problems.append(f"model.optimizer.name={optimizer.name!r}: expected adamw, adamw8bit or paged_adamw8bit")
     if problems:
         raise ValueError("invalid options:\n  " + "\n  ".join(problems))
 
