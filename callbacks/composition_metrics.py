@@ -56,7 +56,6 @@ class CompositionMetrics(Callback):
             raise ValueError(f"CompositionMetrics: attention_resolution must be >= 1, got {attention_resolution}")
         self.output_dir = output_dir
         self.metrics: dict[str, Any] = {}
-        self._scorer = None
         self._own_scorer = None
         self.written: list[Path] = []
 
@@ -101,8 +100,6 @@ class CompositionMetrics(Callback):
     @torch.no_grad()
     def update(self, pl_module, generated) -> None:
         images = generated.images.float().clamp(0, 1)
-        for metric in self.metrics.values():
-            metric.to(pl_module.device)
         if "caption_nll" in self.metrics:
             per_sample, counts = self._caption_scorer(pl_module)(images, generated.prompts, crop=False)
             self.metrics["caption_nll"].update(per_sample, counts)
@@ -132,6 +129,16 @@ class CompositionMetrics(Callback):
                 continue
             out.append(torch.stack([concept_maps(step[b : b + 1], [positions])[0] for step in steps]))
         return out
+
+    def _to_device(self, pl_module) -> None:
+        for metric in self.metrics.values():  # the module is on its device by the time evaluation starts
+            metric.to(pl_module.device)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._to_device(pl_module)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._to_device(pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not trainer.sanity_checking:

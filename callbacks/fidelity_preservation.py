@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossNeeds
 from comat_lightning.discriminator import LatentDiscriminator, add_discriminator_lora
+from comat_lightning.options import OPTIMIZER_NAMES, OptimizerName, build_optimizer
 
 _REAL_SEED_OFFSET = 2**42  # on-the-fly real latents: a noise stream apart from the rollout's
 
@@ -51,7 +52,7 @@ class FidelityPreservationLoss(AdversarialLoss):
         betas: tuple[float, float] = (0.0, 0.999),
         weight_decay: float = 1e-2,
         grad_clip: Optional[float] = 1.0,
-        optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw",
+        optimizer: OptimizerName = "adamw",
         name: str = "fidelity_preservation",
     ):
         super().__init__(weight=weight, name=name)
@@ -66,8 +67,8 @@ class FidelityPreservationLoss(AdversarialLoss):
             problems.append(f"grad_clip must be > 0 (or null), got {grad_clip}")
         if weight_decay < 0:
             problems.append(f"weight_decay must be >= 0, got {weight_decay}")
-        if optimizer not in ("adamw", "adamw8bit", "paged_adamw8bit"):
-            problems.append(f"optimizer must be adamw, adamw8bit or paged_adamw8bit, got {optimizer!r}")
+        if optimizer not in OPTIMIZER_NAMES:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {optimizer!r}")
         if problems:
             raise ValueError("FidelityPreservationLoss: " + "; ".join(problems))
         self.real_latents = real_latents
@@ -112,8 +113,6 @@ class FidelityPreservationLoss(AdversarialLoss):
         return discriminator.lora_parameters() + list(discriminator.head.parameters())
 
     def configure_discriminator_optimizer(self, params):
-        from comat_lightning.options import build_optimizer
-
         optimizer = build_optimizer(self.optimizer, params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant, as published
 

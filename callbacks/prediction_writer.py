@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from comat_lightning.atomic_files import atomic_write, write_bytes_atomically
+from comat_lightning.image_grids import to_uint8
 
 KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 MAPS_DIR = "maps"
@@ -240,11 +241,11 @@ class ImageWriter(BasePredictionWriter):
             if maps is not None and self.write_concept_maps:
                 (self.output_dir / MAPS_DIR).mkdir(exist_ok=True)
                 entry["maps"] = []
-                for stem, grey in zip(concept_file_stems(concepts), _to_uint8(maps[i])):
+                for stem, grey in zip(concept_file_stems(concepts), to_uint8(maps[i])):
                     rel = f"{MAPS_DIR}/{key}_{stem}.png"
                     self._save_png(grey.numpy(), "L", self.output_dir / rel)
                     entry["maps"].append(rel)
-            self._save_png(_to_uint8(images[i]).permute(1, 2, 0).contiguous().numpy(), "RGB", self.output_dir / entry["file"])
+            self._save_png(to_uint8(images[i]).permute(1, 2, 0).contiguous().numpy(), "RGB", self.output_dir / entry["file"])
             self._append_manifest(entry)
             recorded.add(key)
             written.append(key)
@@ -316,7 +317,4 @@ def _manifest_line(entry: dict[str, Any]) -> bytes:
     return (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] floats to 0..255 (clamped, rounded: k / 255 comes back as k)."""
-    return x.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
 

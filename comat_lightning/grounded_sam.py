@@ -65,7 +65,9 @@ def to_pil_images(images: torch.Tensor) -> list:
 
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-    pixels = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    from comat_lightning.image_grids import to_uint8
+
+    pixels = to_uint8(images)
     return [Image.fromarray(array) for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
 

@@ -161,10 +161,15 @@ def _stamp_label(band: Tensor, text: str) -> Tensor:
     return band
 
 
+def to_uint8(images: Tensor) -> Tensor:
+    """Floats nominally in [0, 1] (any shape) -> 0..255 uint8, clamped and rounded (k / 255 comes back as k), as a
+    saved PNG holds them."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def to_uint8_hwc(image: Tensor) -> np.ndarray:
     """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 array, as PIL's ``Image.fromarray`` expects."""
-    scaled = (image.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return scaled.permute(1, 2, 0).contiguous().numpy()
+    return to_uint8(image.cpu()).permute(1, 2, 0).contiguous().numpy()
 
 
 def save_png(image: Tensor, path: str | Path) -> None:

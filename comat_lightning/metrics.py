@@ -22,6 +22,7 @@ from torchmetrics import Metric
 from torchmetrics.multimodal import CLIPScore
 
 from comat_lightning.attention_guidance import overlap
+from comat_lightning.image_grids import to_uint8
 from comat_lightning.tiny_zoo import resolve_model_path
 
 Reduction = Literal["sample_mean", "token_mean"]
@@ -186,7 +187,7 @@ class PromptCLIPScore(CLIPScore):
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
         if isinstance(prompts, str) or len(prompts) != images.shape[0]:
             raise ValueError(f"expected a list of {images.shape[0]} prompts, one per image, got {prompts!r}")
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        pixels = to_uint8(images).cpu()
         device = self.model.device
         # Explicit layout: otherwise the processor infers it from the shape, which is ambiguous if a side is 3 pixels.
         image_inputs = self.processor(images=list(pixels), input_data_format="channels_first", return_tensors="pt")

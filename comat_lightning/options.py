@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional, get_args
 
 import torch
 
@@ -36,6 +36,7 @@ class LoraConfig:
 
 
 OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def build_optimizer(name: OptimizerName, params, lr: float, betas, weight_decay:
             raise ImportError(f"optimizer {name!r} needs bitsandbytes (pip install 'bitsandbytes>=0.45'): {err}") from err
         cls = bnb_optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb_optim.AdamW8bit
         return cls(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
-    raise ValueError(f"unknown optimizer {name!r}; expected adamw, adamw8bit or paged_adamw8bit")
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
 
 
 def check_trainer(trainer, optimizers: dict[str, str], adversarial: bool) -> None:
@@ -128,8 +129,8 @@ def check_options(sampler: SamplerConfig, gradient_steps: GradientStepPolicy, lo
         problems.append(f"model.optimizer.grad_clip={optimizer.grad_clip}: must be > 0 (or null to disable)")
     if optimizer.weight_decay < 0:
         problems.append(f"model.optimizer.weight_decay={optimizer.weight_decay}: must be >= 0")
-    if optimizer.name not in ("adamw", "adamw8bit", "paged_adamw8bit"):
-        problems.append(f"model.optimizer.name={optimizer.name!r}: expected adamw, adamw8bit or paged_adamw8bit")
+    if optimizer.name not in OPTIMIZER_NAMES:
+        problems.append(f"model.optimizer.name={optimizer.name!r}: expected one of {', '.join(OPTIMIZER_NAMES)}")
     if problems:
         raise ValueError("invalid options:\n  " + "\n  ".join(problems))
 

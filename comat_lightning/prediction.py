@@ -93,7 +93,7 @@ def predict_batch(module, batch: dict[str, list]) -> Optional[dict[str, Any]]:
     """Sample (or skip, if finished) the images of one batch; returns the ``callbacks.ImageWriter`` contract."""
     from callbacks.prediction_writer import ImageWriter
     from comat_lightning.guided_sampling import guided_sample
-    from comat_lightning.rollout import initial_noise, sample_latents
+    from comat_lightning.rollout import initial_noise
 
     trainer = getattr(module, "_trainer", None)
     writer = next((cb for cb in trainer.callbacks if isinstance(cb, ImageWriter)), None) if trainer is not None else None
@@ -105,17 +105,17 @@ def predict_batch(module, batch: dict[str, list]) -> Optional[dict[str, Any]]:
     records = [{k: v[j] for k, v in batch.items()} for j in todo]
     prompts = [r["prompt"] for r in records]
     backbone, cfg = module.backbone, module.sampler
-    generators = [torch.Generator().manual_seed(seeds[j]) for j in todo]  # one per image: batch-independent
-    scheduler = module.make_scheduler()
-    scheduler.set_timesteps(cfg.num_inference_steps, device=module.device)
-    size = cfg.resolution // backbone.vae_scale_factor
-    latents = initial_noise(len(todo), backbone.unet.config.in_channels, size, generators, module.device, scheduler.init_noise_sigma)
-    cond, uncond = backbone.encode_prompts(prompts, cfg.resolution), module.empty_prompt().expand(len(todo))
+    todo_seeds = [seeds[j] for j in todo]  # one generator per image: batch-independent
     concepts, maps = None, None
     if module.guidance is None:
-        with torch.no_grad():
-            latents = sample_latents(backbone.unet, scheduler, cond, uncond, latents, cfg.guidance_scale, generator=generators)
+        images = module.sample_images(prompts, todo_seeds)
     else:
+        generators = [torch.Generator().manual_seed(s) for s in todo_seeds]
+        scheduler = module.make_scheduler()
+        scheduler.set_timesteps(cfg.num_inference_steps, device=module.device)
+        size = cfg.resolution // backbone.vae_scale_factor
+        latents = initial_noise(len(todo), backbone.unet.config.in_channels, size, generators, module.device, scheduler.init_noise_sigma)
+        cond, uncond = backbone.encode_prompts(prompts, cfg.resolution), module.empty_prompt().expand(len(todo))
         words_and_indices = [concept_positions(r, backbone.tokenizers[0], module.concept_parser) for r in records]
         concepts = [w for w, _ in words_and_indices]
         layers = [name for name, layer in module.attention_store.layers.items() if module.guidance_selection().matches(layer)]
@@ -127,8 +127,8 @@ def predict_batch(module, batch: dict[str, list]) -> Optional[dict[str, Any]]:
             stacked = torch.stack(last_maps)
             low, high = stacked.amin(dim=(-2, -1), keepdim=True), stacked.amax(dim=(-2, -1), keepdim=True)
             maps = (stacked - low) / (high - low).clamp_min(1e-8)  # each map min-max normalised for viewing
-    with torch.no_grad():
-        images = module.decode(latents).clamp(0, 1)
+        with torch.no_grad():
+            images = module.decode(latents).clamp(0, 1)
     settings = {
         "model": module.model_source,
         "lora_weights": module.lora_weights,
@@ -141,7 +141,7 @@ def predict_batch(module, batch: dict[str, list]) -> Optional[dict[str, Any]]:
     return {
         "images": images.float().cpu(),
         "prompts": prompts,
-        "seeds": [seeds[j] for j in todo],
+        "seeds": todo_seeds,
         "keys": [keys[j] for j in todo],
         "settings": settings,
         "concept_maps": None if maps is None else maps.cpu(),
