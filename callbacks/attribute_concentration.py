@@ -31,6 +31,7 @@ from torch import nn
 
 from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds
 from comat_lightning.attention_capture import Block, CaptureRequest, LayerSelection
+from comat_lightning.data_parallel import data_parallel_mean, data_parallel_world_size
 from comat_lightning.grounded_sam import GroundedSAMMasks
 from comat_lightning.masks import MaskProvider
 from comat_lightning.prompt_parsing import EntityParser
@@ -170,14 +171,16 @@ class AttributeConcentrationLoss(LossCallback):
         records = generated.records()
         tokenizer = pl_module.backbone.tokenizers[0]  # SDXL: both tokenizers share CLIP's BPE; the first sets positions
         entities = [self.trainable_entities(record, tokenizer) for record in records]
-        num_entities = sum(map(len, entities))
-        if store is None or not store.steps or num_entities == 0:
+        if store is None or not store.steps:  # the same on every rank (capture steps are chosen alike)
             return zero, {"token": zero, "pixel": zero, "entities": zero, "missed": zero}
 
         provider: MaskProvider = pl_module.loss_modules[self.name]
         images = generated.images.detach() if (provider.needs_images and generated.images is not None) else None
-        with torch.no_grad():
-            masks = provider(images, [[e.entity.noun_phrase for e in ents] for ents in entities], records)
+        if sum(map(len, entities)) == 0:
+            masks = [[] for _ in entities]
+        else:
+            with torch.no_grad():
+                masks = provider(images, [[e.entity.noun_phrase for e in ents] for ents in entities], records)
 
         # maps[step][side] = (L, heads, HW, T) for the whole batch, layers of one resolution stacked
         maps = {step: _stack_by_resolution(store, step, self.selection) for step in store.steps}
@@ -195,9 +198,12 @@ class AttributeConcentrationLoss(LossCallback):
                 pixel_terms.append(torch.stack([p for _, p in per_step]).mean())
         used = torch.tensor(float(len(token_terms)), device=device)
         logs = {"entities": used, "missed": torch.tensor(float(missed), device=device)}
-        if not token_terms:
-            return zero, {"token": zero, "pixel": zero, **logs}
-        token, pixel = torch.stack(token_terms).mean(), torch.stack(pixel_terms).mean()
+        # Mean over the entities of the whole data-parallel batch (every rank reaches this collective, also one
+        # with no entity). Under data parallelism a rank without entities still back-propagates a zero that touches
+        # the graph, so that the gradient all-reduce sees every rank; one process skips the update instead.
+        empty = generated.latents.sum() * 0 if (generated.latents.requires_grad and data_parallel_world_size() > 1) else zero
+        token = data_parallel_mean(torch.stack(token_terms).sum() if token_terms else empty, used)
+        pixel = data_parallel_mean(torch.stack(pixel_terms).sum() if pixel_terms else empty, used)
         loss = self.token_weight * token + self.pixel_weight * pixel
         return loss, {"token": token.detach(), "pixel": pixel.detach(), **logs}
 

@@ -161,15 +161,18 @@ class CompositionMetrics(Callback):
             values[name] = float(value)
             metric.reset()
         for name, value in values.items():
-            pl_module.log(f"{stage}/metrics/{name}", value, sync_dist=False)  # already reduced by the metric
+            # Already reduced by the metric, so equal on every rank: sync_dist averages equal values (and tells
+            # Lightning the value is global).
+            pl_module.log(f"{stage}/metrics/{name}", value, sync_dist=True)
+        # trainer.log_dir is a collective (rank 0 broadcasts it): every rank asks, only rank 0 writes.
+        root = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or trainer.default_root_dir) / "metrics"
         if trainer.is_global_zero and values:
-            self._write_json(trainer, pl_module, stage, values)
+            self._write_json(trainer, pl_module, root, stage, values)
         return values
 
-    def _write_json(self, trainer, pl_module, stage: str, values: dict[str, float]) -> None:
+    def _write_json(self, trainer, pl_module, root: Path, stage: str, values: dict[str, float]) -> None:
         from comat_lightning.atomic_files import write_bytes_atomically
 
-        root = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or trainer.default_root_dir) / "metrics"
         path = root / f"{stage}_step{pl_module.generator_step:07d}.json"
         result = {
             "stage": stage,

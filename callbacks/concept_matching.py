@@ -70,7 +70,7 @@ class ConceptMatchingLoss(LossCallback):
             # may read the same images), seen once by the hook during the generator's backward.
             images = images.view_as(images)
             images.register_hook(self._record_reward_norm)
-        per_sample, counts = scorer(images, generated.prompts, generator=generated.generator)
+        per_sample, counts = scorer(images, generated.prompts, generator=generated.generators)
         return reduce_caption_nll(per_sample, counts, self.reduction), {}
 
     def _record_reward_norm(self, grad: torch.Tensor) -> None:

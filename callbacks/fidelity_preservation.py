@@ -145,9 +145,9 @@ class FidelityPreservationLoss(AdversarialLoss):
     def real_batch(self, pl_module, generated: GeneratedBatch) -> torch.Tensor:
         """(B, 4, h, w) fp32 real latents for the batch's prompts."""
         if self.real_latents == "on_the_fly":
-            generator = torch.Generator().manual_seed(generated.seed + _REAL_SEED_OFFSET)
+            generators = [torch.Generator().manual_seed(seed + _REAL_SEED_OFFSET) for seed in generated.seeds]
             with torch.no_grad(), pl_module.frozen_base() as base:
-                return pl_module.sample(generated.prompts, generator, unet=base)
+                return pl_module.sample(generated.prompts, generators, unet=base)
         real = generated.batch.get("real_latent")
         if real is None:
             raise ValueError(

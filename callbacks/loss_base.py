@@ -39,9 +39,11 @@ class GeneratedBatch:
     latents: torch.Tensor  # (B, 4, h, w) final latent, fp32, carries gradient during training
     images: Optional[torch.Tensor]  # (B, 3, H, W) = decoded / 2 + 0.5, not clamped; None if no loss needs it
     batch: dict[str, Any] = field(default_factory=dict)  # the datamodule's batch (extra JSONL fields)
-    generator: Optional[torch.Generator] = None  # for a loss's own randomness (e.g. random crops), seeded per step
+    # One generator per sample, for a loss's own randomness (e.g. random crops): per sample, not per batch, so a
+    # sample draws the same numbers whichever rank or batch it lands in (DDP on N ranks = one process on N x batch).
+    generators: list[torch.Generator] = field(default_factory=list)
     attention: Optional["AttentionStore"] = None  # recorded cross-attention maps, if an active loss asked for them
-    seed: int = 0  # the rollout's noise seed (a loss may derive its own seeded streams from it)
+    seeds: list[int] = field(default_factory=list)  # per-sample noise seeds (a loss may derive its own streams)
     attention_summary: Optional["StepAveragedMaps"] = None  # validation/test: step-averaged maps for evaluation
 
     def records(self) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ the batch, so short prompts are not drowned by long ones].
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from comat_lightning.tiny_zoo import resolve_model_path
 
 FirstToken = Literal["cls", "dec"]
 Reduction = Literal["sample_mean", "token_mean"]
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 class CaptionScorer(nn.Module):
@@ -61,11 +62,15 @@ class CaptionScorer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ inputs
 
-    def preprocess(self, images: torch.Tensor, generator: Optional[torch.Generator] = None, crop: bool = True) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, generator: Generators = None, crop: bool = True) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] (not clamped) -> (B, 3, S, S) BLIP pixel values, differentiably.
+        ``generator``: one for the batch, or one per image (then an image's crop does not depend on its batch).
         ``crop=False`` skips the random crop (evaluation scores the whole image, deterministically)."""
         if crop and self.max_crop > 0:
-            offsets = torch.randint(0, self.max_crop + 1, (images.shape[0], 2), generator=generator).tolist()
+            if isinstance(generator, (list, tuple)):
+                offsets = [torch.randint(0, self.max_crop + 1, (2,), generator=g).tolist() for g in generator]
+            else:
+                offsets = torch.randint(0, self.max_crop + 1, (images.shape[0], 2), generator=generator).tolist()
             h, w = images.shape[-2] - self.max_crop, images.shape[-1] - self.max_crop
             images = torch.stack([img[:, top : top + h, left : left + w] for img, (top, left) in zip(images, offsets)])
         # Bicubic has no bf16 CPU kernel, and resizing is cheap: always fp32.
@@ -99,7 +104,7 @@ class CaptionScorer(nn.Module):
         return losses, shifted_labels != -100
 
     def forward(
-        self, images: torch.Tensor, prompts: list[str], generator: Optional[torch.Generator] = None, crop: bool = True
+        self, images: torch.Tensor, prompts: list[str], generator: Generators = None, crop: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(per_sample_nll (B,), token_counts (B,))``; reduce with :func:`reduce_caption_nll`."""
         text = self.tokenize(prompts)
@@ -111,6 +116,8 @@ class CaptionScorer(nn.Module):
 def reduce_caption_nll(per_sample: torch.Tensor, counts: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     if reduction == "sample_mean":
         return per_sample.mean()
-    if reduction == "token_mean":  # the official code: every caption token in the batch weighs the same
-        return (per_sample * counts).sum() / counts.sum().clamp(min=1)
+    if reduction == "token_mean":  # the official code: every caption token in the (data-parallel) batch weighs the same
+        from comat_lightning.data_parallel import data_parallel_mean
+
+        return data_parallel_mean((per_sample * counts).sum(), counts.sum())
     raise ValueError(f"unknown reduction {reduction!r}; expected 'sample_mean' or 'token_mean'")

@@ -39,7 +39,7 @@ from comat_lightning.sampling import RolloutSampling
 from comat_lightning.step_statistics import StepClock, gradient_norm, peak_memory_gib
 from comat_lightning.training_state import CheckpointState, use_atomic_checkpoint_io
 
-# Offsets that keep the seed streams apart: per-step rollout noise uses _seed(rank) directly (< 2**40 for any
+# Offsets that keep the seed streams apart: per-step rollout noise uses _seed() + sample index directly (< 2**40 for any
 # seed < 1e6), validation and the gradient-step policy draw from their own ranges.
 _VALIDATION_SEED_OFFSET = 2**40
 _POLICY_SEED_OFFSET = 2**41
@@ -258,10 +258,13 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
 
     def _generator_step(self, batch: dict, optimizer, lr_schedule):
         # 1. Rollout with gradient through the policy's steps. The step choice is the same on every rank (so
-        #    ranks do equal work); the noise differs per rank (the official code drew identical noise).
+        #    ranks do equal work); the noise is drawn per sample of the global batch, so it differs across ranks
+        #    (the official code drew identical noise) and N ranks draw what one process with N x the batch would.
         #    Cross-attention maps (if a loss reads them) are recorded at a few of those steps.
-        steps, capture = self.choose_steps(torch.Generator().manual_seed(self._seed(rank=0) + _POLICY_SEED_OFFSET))
-        generated = self.generate(batch, seed=self._seed(rank=self.global_rank), gradient_steps=steps, capture_steps=capture)
+        steps, capture = self.choose_steps(torch.Generator().manual_seed(self._seed() + _POLICY_SEED_OFFSET))
+        generated = self.generate(
+            batch, seed=self._seed(), gradient_steps=steps, capture_steps=capture, sample_ids=self._sample_ids(len(batch["prompt"]))
+        )
         # 2-3. Weighted loss terms from the active loss callbacks.
         terms, extras = self.loss_terms(generated)
         loss = torch.stack(list(terms.values())).sum()
@@ -322,8 +325,8 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         layers = evaluator.attention_layers(self) if evaluator is not None else None
         with summarizing_attention(self, layers) if layers is not None else contextlib.nullcontext() as summary:
             generated = self.generate(
-                batch, seed=seed + self.global_rank, capture_steps=capture, decode=True if evaluator is not None else None,
-                step_hook=summary.step_hook if summary is not None else None,
+                batch, seed=seed, capture_steps=capture, decode=True if evaluator is not None else None,
+                step_hook=summary.step_hook if summary is not None else None, sample_ids=self._sample_ids(len(batch["prompt"])),
             )  # fmt: skip
         generated.attention_summary = summary
         terms, extras = self.loss_terms(generated)
@@ -343,9 +346,17 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
             extras.update({f"{loss.name}/{k}": v for k, v in logs.items()})
         return terms, extras
 
-    def _seed(self, rank: int) -> int:
-        # Distinct per (generator step, rank); a pure function of the step, so resumed runs draw the same noise.
-        return self.seed * 1_000_003 + self.generator_step * 4099 + rank
+    def _seed(self) -> int:
+        # Distinct per generator step (sample i adds its global index, < 4099); a pure function of the step, so
+        # resumed runs draw the same noise.
+        return self.seed * 1_000_003 + self.generator_step * 4099
+
+    def _sample_ids(self, batch_size: int) -> list[int]:
+        """Global indices of this rank's samples: Lightning's DistributedSampler deals the dataset out in turn
+        (rank r gets items r, r + N, ...), so local sample i is item i * N + r of the global batch."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank if self._trainer is not None else 0
+        return [i * world + rank for i in range(batch_size)]
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -50,12 +50,17 @@ class RolloutSampling:
         return steps, choose_capture_steps(steps, request.num_steps, request.with_replacement, generator)
 
     def generate(
-        self, batch: dict, seed: int, gradient_steps=(), capture_steps=(), decode: Optional[bool] = None, step_hook: Optional[StepHook] = None
-    ) -> GeneratedBatch:
+        self, batch: dict, seed: int, gradient_steps=(), capture_steps=(), decode: Optional[bool] = None,
+        step_hook: Optional[StepHook] = None, sample_ids: Optional[Sequence[int]] = None,
+    ) -> GeneratedBatch:  # fmt: skip
         """Roll out the online model for ``batch["prompt"]``; decode if an active loss needs pixels (or ``decode``);
-        record the conditional pass's cross-attention maps at ``capture_steps``; ``step_hook`` sees every step."""
+        record the conditional pass's cross-attention maps at ``capture_steps``; ``step_hook`` sees every step.
+
+        Sample i draws its noise from its own generator seeded ``seed + sample_ids[i]`` (default ids 0..B-1), so
+        an image does not depend on which batch or rank it is sampled in."""
         prompts = list(batch["prompt"])
-        generator = torch.Generator().manual_seed(seed)
+        seeds = [seed + int(i) for i in (range(len(prompts)) if sample_ids is None else sample_ids)]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
         store = self.attention_store
         store.clear()
         capture_steps = set(capture_steps)
@@ -64,11 +69,11 @@ class RolloutSampling:
             return store.recording(step, part="cond") if step in capture_steps else contextlib.nullcontext()
 
         hook = chain_step_hooks(record if capture_steps else None, step_hook)
-        latents = self.sample(prompts, generator, gradient_steps=gradient_steps, step_hook=hook)
+        latents = self.sample(prompts, generators, gradient_steps=gradient_steps, step_hook=hook)
         images = self.decode(latents) if (self.needs.decoded_image if decode is None else decode) else None
         attention = store if self.needs.attention is not None else None
         return GeneratedBatch(
-            prompts=prompts, latents=latents, images=images, batch=batch, generator=generator, attention=attention, seed=seed
+            prompts=prompts, latents=latents, images=images, batch=batch, generators=generators, attention=attention, seeds=seeds
         )
 
     def sample(
