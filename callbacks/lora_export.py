@@ -17,7 +17,7 @@ class ExportLoRA(Callback):
       every checkpoint has a LoRA you can sample with directly.
 
     ``dirpath`` defaults to ``<log dir>/lora``. Only the generator's adapter is written (never the
-    discriminator's). Only rank 0 writes (every rank holds the same LoRA under DDP). Each folder is written to a
+    discriminator's). Only rank 0 writes; under FSDP2 the LoRA is first gathered from every rank's shard. Each folder is written to a
     temporary sibling and renamed, so a folder that exists is complete.
     """
 
@@ -31,11 +31,14 @@ class ExportLoRA(Callback):
         return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "lora"
 
     def _export(self, trainer, pl_module, target: Path) -> None:
-        if pl_module.finetune != "lora" or not trainer.is_global_zero:
+        if pl_module.finetune != "lora":
             return
         from comat_lightning.lora_export import save_unet_lora
 
-        self.last_export = save_unet_lora(pl_module.backbone.unet, pl_module.backbone.family, target)
+        # Every rank takes part (FSDP2 gathers the shards from all of them); rank 0 writes.
+        written = save_unet_lora(pl_module.backbone.unet, pl_module.backbone.family, target, write=trainer.is_global_zero)
+        if written is not None:
+            self.last_export = written
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         step = pl_module.generator_step

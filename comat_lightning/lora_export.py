@@ -6,20 +6,26 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default name, found by load_lora_weights
 
 
-def save_unet_lora(unet, family: str, folder: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_unet_lora(unet, family: str, folder: str | os.PathLike, adapter_name: str = "default", write: bool = True) -> Optional[Path]:
     """Save ``unet``'s PEFT adapter as ``folder/pytorch_lora_weights.safetensors`` (with its LoRA config as
     metadata, so a rank != alpha scale survives). Written to a temporary sibling and renamed: a folder that
-    exists is complete."""
+    exists is complete. A sharded (FSDP2) UNet's weights are gathered from every rank first: then every rank must
+    call this, and all but one pass ``write=False``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    from comat_lightning.sharding import full_state
+
+    layers = full_state(convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name)))
+    if not write:
+        return None
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
     pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     folder.parent.mkdir(parents=True, exist_ok=True)

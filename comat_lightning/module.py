@@ -36,6 +36,7 @@ from comat_lightning.options import LoraConfig, OptimizerConfig, SamplerConfig, 
 from comat_lightning.prompt_parsing import EntityParser
 from comat_lightning.rollout import EvenlySpacedSteps, GradientStepPolicy
 from comat_lightning.sampling import RolloutSampling
+from comat_lightning.sharding import is_model_parallel, shard_trainable, shard_unet
 from comat_lightning.step_statistics import StepClock, gradient_norm, peak_memory_gib
 from comat_lightning.training_state import CheckpointState, use_atomic_checkpoint_io
 
@@ -175,6 +176,11 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         if self.adversary is not None:  # the discriminator's LoRA and head are the only helper weights that train
             for param in self.adversary.discriminator_parameters(self):
                 param.requires_grad_(True)
+        if is_model_parallel(self._trainer):  # FSDP2 over the data-parallel ranks: the UNet and what else trains
+            mesh = self.device_mesh["data_parallel"]
+            shard_unet(unet, mesh)
+            for helper in self.loss_modules.values():
+                shard_trainable(helper, mesh)
 
     @property
     def adversary(self) -> Optional[AdversarialLoss]:

@@ -79,9 +79,19 @@ def check_trainer(trainer, optimizers: dict[str, str], adversarial: bool) -> Non
                         "module steps a generator and a discriminator optimizer by hand. Use ddp (several GPUs) or "
                         "bf16-mixed with model.gradient_checkpointing and adamw8bit to save memory")  # fmt: skip
     if isinstance(strategy, FSDPStrategy):
-        problems.append("trainer.strategy=fsdp: Lightning's FSDPStrategy cannot run manual optimization with two "
-                        "optimizers. Use ddp_find_unused_parameters_true (the LoRA weights are small, so sharding "
-                        "them saves little)")  # fmt: skip
+        problems.append("trainer.strategy=fsdp: Lightning's FSDPStrategy (FSDP1) cannot run manual optimization with two "
+                        "optimizers. For FSDP2 use strategy: {class_path: lightning.pytorch.strategies.ModelParallelStrategy, "
+                        "init_args: {save_distributed_checkpoint: false}} (the module shards its UNet in configure_model), "
+                        "or ddp_find_unused_parameters_true")  # fmt: skip
+    if isinstance(strategy, ModelParallelStrategy):
+        if strategy._save_distributed_checkpoint:
+            problems.append("ModelParallelStrategy(save_distributed_checkpoint=True): checkpoints hold only the trainable "
+                            "weights (the frozen models are reloaded from their source), which a sharded checkpoint cannot "
+                            "restore; set save_distributed_checkpoint: false (the LoRA is small enough to gather on rank 0)")  # fmt: skip
+        if strategy._tensor_parallel_size != 1:  # Lightning's "auto" means every device of a node
+            problems.append(f"ModelParallelStrategy(tensor_parallel_size={strategy._tensor_parallel_size}): only data-parallel "
+                            "sharding (FSDP2) is implemented; set tensor_parallel_size: 1 and data_parallel_size: "
+                            "<nodes x devices>")  # fmt: skip
     sharded = isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
     for option, name in optimizers.items():
         if name != "adamw" and sharded:

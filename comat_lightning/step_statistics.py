@@ -17,11 +17,13 @@ def gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     """L2 norm over the gradients of ``parameters`` (those that have one), in fp32; 0 if none has a gradient.
     Taken before clipping, so it shows how hard the loss pulls, not the clip value. Sharded (DTensor) gradients
     give their global norm."""
-    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in parameters if p.grad is not None]
-    if not norms:
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
         return torch.zeros(())
-    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # FSDP2 shards -> global value
-    return torch.linalg.vector_norm(torch.stack(norms))
+    # torch's own total norm (as clip_grad_norm_ computes it); over FSDP2 shards it is a partial DTensor that one
+    # all-reduce turns into the global value.
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0).float()
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
 class StepClock:

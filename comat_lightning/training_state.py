@@ -87,7 +87,8 @@ class CheckpointState:
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
+        # FSDP2 (ModelParallelStrategy) loads the weights into the sharded modules itself and hands over the rest.
+        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"])) if "state_dict" in checkpoint else []
         if missing:
             raise KeyError(
                 f"checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[0]}): it was written "

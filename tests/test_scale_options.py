@@ -17,7 +17,9 @@ def _trainer(strategy, precision="32-true", gradient_clip_val=None):
 @pytest.mark.parametrize(
     "case, match",
     [
-        ("fsdp", r"trainer.strategy=fsdp: .*Use ddp_find_unused_parameters_true"),
+        ("fsdp", r"trainer.strategy=fsdp: .*For FSDP2 use strategy: \{class_path: lightning.pytorch.strategies.ModelParallelStrategy"),
+        ("sharded_checkpoint", r"ModelParallelStrategy\(save_distributed_checkpoint=True\).*set save_distributed_checkpoint: false"),
+        ("tensor_parallel", r"ModelParallelStrategy\(tensor_parallel_size=2\).*set tensor_parallel_size: 1"),
         ("8bit_sharded", r"model.optimizer.name=adamw8bit with a sharded strategy \(ModelParallelStrategy\).*use adamw"),
         ("ddp_adversarial", r"trainer.strategy=ddp with an adversarial loss.*ddp_find_unused_parameters_true"),
         ("clip_val", r"trainer.gradient_clip_val=1.0: .*set model.optimizer.grad_clip"),
@@ -30,11 +32,16 @@ def test_unsupported_trainer_settings_are_refused_with_the_alternative(case, mat
     from comat_lightning.options import check_trainer
 
     single = SingleDeviceStrategy(device=torch.device("cpu"))
+    fsdp2 = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
     trainer, optimizers, adversarial = _trainer(single), {"model.optimizer.name": "adamw"}, False
     if case == "fsdp":
         trainer = _trainer(FSDPStrategy())
     elif case == "8bit_sharded":
-        trainer, optimizers = _trainer(ModelParallelStrategy()), {"model.optimizer.name": "adamw8bit"}
+        trainer, optimizers = _trainer(fsdp2), {"model.optimizer.name": "adamw8bit"}
+    elif case == "sharded_checkpoint":
+        trainer = _trainer(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    elif case == "tensor_parallel":
+        trainer = _trainer(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2, save_distributed_checkpoint=False))
     elif case == "ddp_adversarial":
         from lightning.fabric.plugins.environments import LightningEnvironment
 
@@ -50,6 +57,7 @@ def test_unsupported_trainer_settings_are_refused_with_the_alternative(case, mat
     # The same settings with the named alternative pass.
     check_trainer(_trainer(single, precision="bf16-mixed"), {"model.optimizer.name": "adamw8bit"}, adversarial=True)
     check_trainer(_trainer(DDPStrategy(find_unused_parameters=True)), {"model.optimizer.name": "adamw"}, adversarial=True)
+    check_trainer(_trainer(fsdp2, precision="bf16-mixed"), {"model.optimizer.name": "adamw"}, adversarial=True)
 
 
 def test_unknown_optimizer_names_are_refused_by_the_config_parser(tmp_path, monkeypatch, capsys):

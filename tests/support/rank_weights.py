@@ -1,5 +1,5 @@
-"""Test-only callback: each rank writes the trainable weights it holds at the end of ``fit``, so a test can check
-that data-parallel ranks agree (the shipped ExportLoRA writes rank 0's copy only)."""
+"""Test-only callback: each rank writes the trainable weights as it sees them at the end of ``fit``, so a test can
+check that data-parallel ranks agree (the shipped ExportLoRA writes rank 0's copy only)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,20 @@ from lightning.pytorch import Callback
 
 
 class SaveRankWeights(Callback):
+    """``rank<r>.safetensors``: full weights (FSDP2 shards gathered on every rank); ``rank<r>_local.safetensors``:
+    the part this rank stores (its shard under FSDP2, everything under DDP)."""
+
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         from safetensors.torch import save_file
-        from torch.distributed.tensor import DTensor
 
-        weights = {}
+        full, local = {}, {}
         for name, param in pl_module.named_parameters():
             if param.requires_grad or ".lora_" in name:
-                local = param.to_local() if isinstance(param, DTensor) else param  # a shard's own part under FSDP2
-                weights[name] = local.detach().float().cpu().contiguous()
+                full[name] = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().float().cpu().contiguous()
+                local[name] = (param.to_local() if hasattr(param, "to_local") else param).detach().float().cpu().contiguous()
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(self.dirpath / f"rank{trainer.global_rank}.safetensors"))
+        save_file(full, str(self.dirpath / f"rank{trainer.global_rank}.safetensors"))
+        save_file(local, str(self.dirpath / f"rank{trainer.global_rank}_local.safetensors"))
