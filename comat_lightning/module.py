@@ -60,6 +60,9 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         lora: LoRA settings (ignored for full fine-tuning).
         optimizer: generator optimizer settings.
         gradient_checkpointing: non-reentrant checkpointing of the UNet and the VAE decoder.
+        frozen_dtype: storage of the frozen weights (base UNet, VAE, text encoders, captioner, segmenters). "auto":
+            bfloat16 under ``trainer.precision: bf16-mixed`` (half the memory; autocast computes in bf16 anyway),
+            else float32. Trainable weights (LoRA, discriminator head) and optimizer state always stay float32.
         seed: base of the per-step, per-rank noise seeds.
         lora_weights: a diffusers-format UNet LoRA (file or folder; ours or any) loaded as the online adapter
             instead of a fresh one: sample with it (``predict``) or continue training from it.
@@ -83,6 +86,7 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         lora: LoraConfig = LoraConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         gradient_checkpointing: bool = True,
+        frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
         seed: int = 0,
         lora_weights: Optional[str] = None,
         guidance: Optional[AttentionGuidance] = None,
@@ -98,6 +102,7 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         self.lora = lora
         self.optimizer_config = optimizer
         self.gradient_checkpointing = gradient_checkpointing
+        self.frozen_dtype = frozen_dtype
         self.seed = seed
         self.lora_weights = lora_weights
         self.guidance = guidance
@@ -136,6 +141,11 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         if adversary is not None:
             optimizers[f"{type(adversary).__name__}.optimizer"] = getattr(adversary, "optimizer", "adamw")
         check_trainer(self.trainer, optimizers, adversarial=adversary is not None)
+        if self.frozen_dtype == "bfloat16" and not precision.startswith("bf16"):
+            raise ValueError(
+                f"model.frozen_dtype=bfloat16 with trainer.precision={precision}: bf16 weights need bf16 compute; "
+                "use trainer.precision: bf16-mixed (or model.frozen_dtype: auto)"
+            )
         use_atomic_checkpoint_io(self.trainer)
 
     def configure_model(self) -> None:
@@ -176,11 +186,27 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         if self.adversary is not None:  # the discriminator's LoRA and head are the only helper weights that train
             for param in self.adversary.discriminator_parameters(self):
                 param.requires_grad_(True)
+        self._store_frozen_weights()
         if is_model_parallel(self._trainer):  # FSDP2 over the data-parallel ranks: the UNet and what else trains
             mesh = self.device_mesh["data_parallel"]
             shard_unet(unet, mesh)
             for helper in self.loss_modules.values():
                 shard_trainable(helper, mesh)
+
+    def _store_frozen_weights(self) -> None:
+        """Cast frozen parameters to ``frozen_dtype``; trainable ones (and buffers such as normalisation constants)
+        stay float32. The VAE in bf16 is safe (bf16 has fp32's range; fp16 is what overflows in SDXL's decoder)."""
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        auto = torch.bfloat16 if precision == "bf16-mixed" else None
+        dtype = {"auto": auto, "float32": None, "bfloat16": torch.bfloat16}[self.frozen_dtype]
+        if dtype is None:
+            return
+        backbone = self.backbone
+        frozen = [backbone.unet, backbone.vae, *backbone.text_encoders, self.base_unet, *self.loss_modules.values()]
+        for module in frozen:
+            for param in module.parameters() if module is not None else ():
+                if not param.requires_grad and param.is_floating_point():
+                    param.data = param.data.to(dtype)
 
     @property
     def adversary(self) -> Optional[AdversarialLoss]:

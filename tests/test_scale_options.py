@@ -99,3 +99,39 @@ def test_adamw8bit_keeps_uint8_state_for_large_tensors_and_resumes(tmp_path, mon
     assert resumed.model.generator_step == 3
     restored = resumed.trainer.optimizers[0]
     assert all(restored.state[p]["state1"].dtype == torch.uint8 for group in restored.param_groups for p in group["params"] if p.numel() >= 4096)
+
+
+def test_bf16_mixed_stores_frozen_weights_in_bf16_and_trains_lora_in_fp32(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(REPO / "data")
+    cli = run_cli(["--config", str(REPO / "configs" / "demo.yaml"), "--trainer.precision=bf16-mixed", "--trainer.max_steps=2",
+                   "--trainer.limit_val_batches=0", "--trainer.logger=false",
+                   "--model.sampler.num_inference_steps=4"], run=False)  # fmt: skip
+    cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks if type(cb).__name__ not in ("ExportLoRA", "ModelCheckpoint")]
+    cli.trainer.fit(cli.model, cli.datamodule)
+    module = cli.model
+    backbone = module.backbone
+    trainable = {n: p for n, p in module.named_parameters() if ".lora_" in n or "head" in n}
+    frozen = [p for n, p in module.named_parameters() if n not in trainable]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    for model in (backbone.vae, backbone.text_encoders[0], module.loss_modules["concept_matching"]):
+        assert next(model.parameters()).dtype == torch.bfloat16
+    assert module.loss_modules["concept_matching"].mean.dtype == torch.float32  # normalisation buffers stay fp32
+    for optimizer in cli.trainer.optimizers:  # AdamW moments in fp32, and the LoRA moved
+        states = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"]]
+        assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+    metrics = cli.trainer.logged_metrics
+    assert all(torch.isfinite(metrics[f"train/{k}"]) for k in ("loss", "concept_matching", "attribute_concentration", "fidelity_preservation"))
+    assert any(float(p.detach().abs().max()) > 0 for n, p in trainable.items() if "lora_B" in n)
+
+
+def test_bf16_frozen_weights_need_bf16_compute(tmp_path, monkeypatch):
+    from comat_lightning.diffusion_model import DiffusionBackbone
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(REPO / "data")
+    monkeypatch.setattr(DiffusionBackbone, "from_pretrained", lambda *a, **k: pytest.fail("models loaded before the check"))
+    cli = run_cli(["--config", str(REPO / "configs" / "demo.yaml"), "--model.frozen_dtype=bfloat16", "--trainer.logger=false"], run=False)
+    with pytest.raises(ValueError, match=r"model.frozen_dtype=bfloat16 with trainer.precision=32-true.*bf16-mixed"):
+        cli.trainer.fit(cli.model, cli.datamodule)
