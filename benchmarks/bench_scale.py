@@ -1,0 +1,177 @@
+"""Speed, memory and model FLOPs utilisation of one CoMat training configuration. Not a test: it prints figures and
+appends one JSON line per run (machine, versions, command, figures) to benchmarks/results/scale.jsonl.
+
+All three CoMat losses (concept matching, attribute concentration, fidelity preservation with on-the-fly real
+latents) run through the real module and Trainer. ``--model tiny`` is the CPU demo's models; ``sd15`` / ``sdxl``
+are the published architectures with random weights (benchmarks/full_size_models.py) and the BLIP-large judge.
+
+    python benchmarks/bench_scale.py --model tiny                                  # CPU, seconds
+    python benchmarks/bench_scale.py --model sd15 --batch 4                        # GPU: 512 px, 50 steps, K=5, bf16
+    python benchmarks/bench_scale.py --model sdxl --batch 1 --no-checkpointing
+    python benchmarks/bench_scale.py --model sdxl --batch 1 --optimizer adamw8bit
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one whole generator step (rollout, decode,
+losses, backward, discriminator step) in a separate, unmeasured step; MFU = counted FLOPs / median step time /
+the device's dense bf16 peak (``--peak-tflops`` to override).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.results_file import RESULTS  # noqa: E402
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.2, "A10G": 70.0}
+_LOSSES = ("ConceptMatchingLoss", "AttributeConcentrationLoss", "FidelityPreservationLoss")
+
+
+def peak_tflops(device_name: str):
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny")
+    parser.add_argument("--models-dir", default="/tmp/comat_full_size", help="where full-size random models are built")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 64 (tiny), 512 (sd15, sdxl)")
+    parser.add_argument("--batch", type=int, default=None, help="per device; default: 2 (tiny), 4 (sd15), 1 (sdxl)")
+    parser.add_argument("--inference-steps", type=int, default=None, help="default: 10 (tiny), 50")
+    parser.add_argument("--K", type=int, default=None, help="gradient steps; default: 2 (tiny), 5")
+    parser.add_argument("--precision", default=None, help="default: 32-true on CPU, bf16-mixed on GPU")
+    parser.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default="adamw", help="both optimizers")
+    parser.add_argument("--steps", type=int, default=6, help="generator steps timed (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--out", default=str(RESULTS / "scale.jsonl"))
+    args = parser.parse_args()
+    full = args.model != "tiny"
+    resolution = args.resolution or (512 if full else 64)
+    batch = args.batch or {"tiny": 2, "sd15": 4, "sdxl": 1}[args.model]
+    inference_steps = args.inference_steps or (50 if full else 10)
+    k = args.K or (5 if full else 2)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    import yaml
+    from lightning.pytorch import Callback
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from comat_lightning.cli import main as cli_main
+
+    cuda = torch.cuda.is_available()
+    precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    if full:
+        from benchmarks.full_size_models import ensure
+
+        pipeline = str(ensure(Path(args.models_dir), args.model))
+        captioner = str(ensure(Path(args.models_dir), "blip-large"))
+    else:
+        pipeline, captioner = "tiny://sd", "tiny://blip"
+
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    trainer = config["trainer"]
+    trainer["callbacks"] = [cb for cb in trainer["callbacks"] if cb["class_path"].split(".")[-1] in _LOSSES]
+    for cb in trainer["callbacks"]:
+        if cb["class_path"].endswith("ConceptMatchingLoss"):
+            cb["init_args"]["captioner"] = captioner
+        if args.optimizer != "adamw" and cb["class_path"].endswith("FidelityPreservationLoss"):
+            cb["init_args"]["optimizer"] = args.optimizer
+    trainer.update(accelerator="gpu" if cuda else "cpu", precision=precision, max_steps=1 + args.warmup + args.steps,
+                   limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    model = config["model"]
+    model.update(pretrained_model=pipeline, gradient_checkpointing=not args.no_checkpointing)
+    model["sampler"].update(resolution=resolution, num_inference_steps=inference_steps)
+    model["gradient_steps"]["init_args"]["num_gradient_steps"] = k
+    model["optimizer"]["name"] = args.optimizer
+    config["data"].update(batch_size=batch, train_file=str(REPO / "data" / "demo_prompts.jsonl"), val_file=None)
+
+    class Measure(Callback):
+        """Step 0: FLOPs (counting slows it, so it is not timed); then warm-up; then timed steps."""
+
+        def __init__(self):
+            self.durations, self.flops, self._counter = [], None, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if pl_module.generator_step == 0 and not args.no_flops:
+                self._counter = FlopCounterMode(display=False)
+                self._counter.__enter__()
+            if cuda:
+                torch.cuda.synchronize()
+                if pl_module.generator_step == 1 + args.warmup:
+                    torch.cuda.reset_peak_memory_stats()
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - self._start
+            if self._counter is not None:
+                self._counter.__exit__(None, None, None)
+                self.flops, self._counter = self._counter.get_total_flops(), None
+            elif pl_module.generator_step > 1 + args.warmup:
+                self.durations.append(seconds)
+
+    measure = Measure()
+    with tempfile.TemporaryDirectory() as workdir:
+        path = Path(workdir) / "bench.yaml"
+        path.write_text(yaml.safe_dump(config))
+        os.chdir(workdir)
+        cli = cli_main(args=["--config", str(path)], run=False)
+        cli.trainer.callbacks.append(measure)
+        cli.trainer.fit(cli.model, cli.datamodule)
+
+    median = statistics.median(measure.durations)
+    device = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    peak = args.peak_tflops or (peak_tflops(device) if cuda else None)
+    achieved = measure.flops / median if measure.flops else None
+    import diffusers
+    import lightning
+    import transformers
+
+    result = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "model": args.model, "resolution": resolution, "batch_per_device": batch, "inference_steps": inference_steps, "K": k,
+        "precision": precision, "gradient_checkpointing": not args.no_checkpointing, "optimizer": args.optimizer,
+        "losses": list(_LOSSES),
+        "steps_timed": len(measure.durations), "seconds_per_generator_step_median": median,
+        "seconds_per_generator_step_min": min(measure.durations), "seconds_per_generator_step_max": max(measure.durations),
+        "images_per_second": batch / median,
+        "peak_cuda_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_cuda_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "model_tflops_per_step": measure.flops / 1e12 if measure.flops else None,
+        "achieved_tflops_per_second": achieved / 1e12 if achieved else None,
+        "device_peak_bf16_tflops": peak,
+        "mfu": achieved / (peak * 1e12) if (achieved and peak) else None,
+        "device": device, "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "lightning": lightning.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }  # fmt: skip
+    line = json.dumps(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:  # one complete line per run: a crash mid-run appends nothing
+        f.write(line + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"appended to {out}")
+
+
+if __name__ == "__main__":
+    main()
