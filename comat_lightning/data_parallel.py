@@ -22,4 +22,5 @@ def data_parallel_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor
         count = count.clone()
         dist.all_reduce(count)
         count = count / world
-    return total / count.clamp(min=1e-12) if bool(count > 0) else total * 0
+    # No item anywhere: count 0 and total 0 (a sum over nothing), so the quotient is 0 without a host sync to test it.
+    return total / count.clamp(min=1e-12)

@@ -20,9 +20,9 @@ def save_unet_lora(unet, family: str, folder: str | os.PathLike, adapter_name: s
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    folder = Path(folder)
     from comat_lightning.sharding import full_state
 
+    folder = Path(folder)
     layers = full_state(convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name)))
     if not write:
         return None

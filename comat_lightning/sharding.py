@@ -1,4 +1,5 @@
-"""FSDP2 for the online UNet under Lightning's ``ModelParallelStrategy`` (``trainer.strategy: model_parallel``).
+"""FSDP2 for the online UNet under Lightning's ``ModelParallelStrategy`` (``trainer.strategy: {class_path:
+lightning.pytorch.strategies.ModelParallelStrategy, ...}``; it has no short registry name).
 
 What is sharded and why:
 
