@@ -16,8 +16,9 @@ from typing import Optional
 import torch
 
 from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds
-from comat_lightning.attention_capture import Block, CaptureRequest, LayerSelection
+from comat_lightning.attention_capture import Block, CaptureRequest, layer_selection
 from comat_lightning.attention_guidance import ThresholdRule, average_maps, binarize, concept_maps, retention_loss, segregation_loss
+from comat_lightning.errors import InputError
 from comat_lightning.prediction import concept_positions
 from comat_lightning.prompt_parsing import EntityParser
 
@@ -25,10 +26,14 @@ from comat_lightning.prompt_parsing import EntityParser
 class _ConceptMapLoss(LossCallback):
     def __init__(self, weight: float, resolution: int, blocks: list[Block], num_capture_steps: int, name: Optional[str]):
         super().__init__(weight=weight, name=name)
-        if resolution < 1:
-            raise ValueError(f"{type(self).__name__}: resolution must be a positive map side, got {resolution}")
-        self.selection = LayerSelection(tuple(blocks), (resolution,))
-        self.needs = LossNeeds(attention=CaptureRequest(self.selection, num_steps=num_capture_steps))
+        owner = type(self).__name__
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise InputError(f"{owner}: resolution must be a positive map side, got {resolution!r}")
+        self.selection = layer_selection(f"{owner} blocks / resolution", blocks, (resolution,))
+        try:
+            self.needs = LossNeeds(attention=CaptureRequest(self.selection, num_steps=num_capture_steps))
+        except InputError as err:
+            raise InputError(f"{owner}: {err}") from None
         self.parser = EntityParser()
 
     def maps_per_step(self, pl_module, generated: GeneratedBatch) -> dict[int, list[torch.Tensor]]:
@@ -83,8 +88,10 @@ class AttentionRetentionLoss(_ConceptMapLoss):
     def __init__(self, weight: float = 0.1, resolution: int = 16, blocks: list[Block] = ["down", "mid", "up"],  # noqa: B006
                  num_capture_steps: int = 2, threshold_rule: ThresholdRule = "minmax", name: str = "attention_retention"):  # fmt: skip
         if num_capture_steps < 2:
-            raise ValueError(f"AttentionRetentionLoss: retention compares two captured steps; num_capture_steps must be >= 2, got {num_capture_steps}")
+            raise InputError(f"AttentionRetentionLoss: retention compares two captured steps; num_capture_steps must be >= 2, got {num_capture_steps}")
         super().__init__(weight, resolution, blocks, num_capture_steps, name)
+        if threshold_rule not in ("minmax", "otsu"):
+            raise InputError(f"AttentionRetentionLoss: threshold_rule must be 'minmax' or 'otsu', got {threshold_rule!r}")
         self.threshold_rule = threshold_rule
 
     def compute(self, pl_module, generated: GeneratedBatch):

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from jsonargparse import lazy_instance
 from torch import nn
 
-from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds
-from comat_lightning.attention_capture import Block, CaptureRequest, LayerSelection
+from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds, check_weight
+from comat_lightning.attention_capture import Block, CaptureRequest, LayerSelection, layer_selection
 from comat_lightning.data_parallel import data_parallel_mean, data_parallel_world_size
 from comat_lightning.grounded_sam import GroundedSAMMasks
-from comat_lightning.masks import MaskProvider
+from comat_lightning.errors import InputError
+from comat_lightning.masks import JsonlMasks, MaskProvider
 from comat_lightning.prompt_parsing import EntityParser
 from comat_lightning.token_alignment import AlignedEntity, align_entities
 
@@ -137,25 +138,29 @@ class AttributeConcentrationLoss(LossCallback):
     ):
         super().__init__(weight=weight, name=name)
         for option, value in (("token_weight", token_weight), ("pixel_weight", pixel_weight)):
-            if not value >= 0:
-                raise ValueError(f"AttributeConcentrationLoss: {option} must be >= 0, got {value}")
+            check_weight("AttributeConcentrationLoss", option, value)
         if token_layer_reduction not in ("mean", "sum"):
-            raise ValueError(f"AttributeConcentrationLoss: token_layer_reduction must be 'mean' or 'sum', got {token_layer_reduction!r}")
+            raise InputError(f"AttributeConcentrationLoss: token_layer_reduction must be 'mean' or 'sum', got {token_layer_reduction!r}")
         if not isinstance(masks, MaskProvider):
             raise TypeError(f"AttributeConcentrationLoss: masks must be a MaskProvider (e.g. GroundedSAMMasks), got {type(masks).__name__}")
         self.masks = masks
         self.token_weight, self.pixel_weight = float(token_weight), float(pixel_weight)
-        self.selection = LayerSelection(blocks=tuple(blocks), resolutions=tuple(resolutions) if resolutions else None)
+        self.selection = layer_selection("AttributeConcentrationLoss blocks / resolutions", blocks, resolutions)
         self.token_layer_reduction = token_layer_reduction
         self.background_words = frozenset(w.lower() for w in (BACKGROUND_WORDS if background_words is None else background_words))
         self.parser = EntityParser(spacy_model)
-        self.needs = LossNeeds(
-            decoded_image=masks.needs_images,
-            attention=CaptureRequest(self.selection, num_steps=num_capture_steps, with_replacement=capture_with_replacement),
-        )
+        try:
+            capture = CaptureRequest(self.selection, num_steps=num_capture_steps, with_replacement=capture_with_replacement)
+        except InputError as err:
+            raise InputError(f"AttributeConcentrationLoss: {err}") from None
+        self.needs = LossNeeds(decoded_image=masks.needs_images, attention=capture)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.parser.nlp  # loads spaCy: a missing model fails here, before any diffusion model is loaded
+        data = trainer.datamodule
+        if isinstance(self.masks, JsonlMasks) and data is not None:  # every mask of the data, before any model loads
+            records = [*getattr(data, "train_records", []), *getattr(data, "val_records", [])]
+            self.masks.check_records(records, getattr(data, "location_of", lambda record: None))
 
     def build(self, pl_module) -> nn.Module:
         return self.masks.load()

@@ -24,7 +24,9 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import Callback
 
-from comat_lightning.attention_capture import Block, LayerSelection
+from comat_lightning.attention_capture import Block, LayerSelection, layer_selection
+from comat_lightning.errors import InputError
+from comat_lightning.input_checks import check_local_path
 
 
 class CompositionMetrics(Callback):
@@ -53,7 +55,11 @@ class CompositionMetrics(Callback):
         self.concept_overlap = concept_overlap
         self.attention_blocks, self.attention_resolution = attention_blocks, attention_resolution
         if attention_resolution is not None and attention_resolution < 1:
-            raise ValueError(f"CompositionMetrics: attention_resolution must be >= 1, got {attention_resolution}")
+            raise InputError(f"CompositionMetrics: attention_resolution must be >= 1, got {attention_resolution}")
+        if attention_blocks:  # the resolution may default to the module's: checked here for the blocks
+            layer_selection("CompositionMetrics attention_blocks", attention_blocks, None)
+        check_local_path("CompositionMetrics.captioner", captioner, "captioner folder")
+        check_local_path("CompositionMetrics.clip_model", clip_model, "CLIP model folder")
         self.output_dir = output_dir
         self.metrics: dict[str, Any] = {}
         self._own_scorer = None

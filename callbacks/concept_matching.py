@@ -8,6 +8,8 @@ import torch
 
 from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds
 from comat_lightning.captioner import CaptionScorer, FirstToken, Reduction, reduce_caption_nll
+from comat_lightning.errors import InputError
+from comat_lightning.input_checks import check_local_path
 
 
 class ConceptMatchingLoss(LossCallback):
@@ -38,13 +40,14 @@ class ConceptMatchingLoss(LossCallback):
     ):
         super().__init__(weight=weight, name=name)
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"ConceptMatchingLoss: label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise InputError(f"ConceptMatchingLoss: label_smoothing must be in [0, 1), got {label_smoothing}")
         if reduction not in ("sample_mean", "token_mean"):
-            raise ValueError(f"ConceptMatchingLoss: reduction must be 'sample_mean' or 'token_mean', got {reduction!r}")
+            raise InputError(f"ConceptMatchingLoss: reduction must be 'sample_mean' or 'token_mean', got {reduction!r}")
         if first_token not in ("cls", "dec"):
-            raise ValueError(f"ConceptMatchingLoss: first_token must be 'cls' or 'dec', got {first_token!r}")
+            raise InputError(f"ConceptMatchingLoss: first_token must be 'cls' or 'dec', got {first_token!r}")
         if max_crop < 0:
-            raise ValueError(f"ConceptMatchingLoss: max_crop must be >= 0, got {max_crop}")
+            raise InputError(f"ConceptMatchingLoss: max_crop must be >= 0, got {max_crop}")
+        check_local_path("ConceptMatchingLoss.captioner", captioner, "captioner folder")
         self.captioner = captioner
         self.prefix = prefix
         self.label_smoothing = label_smoothing

@@ -15,6 +15,7 @@ the rollout cost).
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 
 from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossNeeds
 from comat_lightning.discriminator import LatentDiscriminator, add_discriminator_lora
+from comat_lightning.errors import InputError
+from comat_lightning.input_checks import check_local_path
 from comat_lightning.options import OPTIMIZER_NAMES, OptimizerName, build_optimizer
 
 _REAL_SEED_OFFSET = 2**42  # on-the-fly real latents: a noise stream apart from the rollout's
@@ -61,6 +64,12 @@ class FidelityPreservationLoss(AdversarialLoss):
             problems.append(f"real_latents must be 'data' or 'on_the_fly', got {real_latents!r}")
         if lora_rank < 1:
             problems.append(f"lora_rank must be >= 1, got {lora_rank}")
+        if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
+            problems.append(f"lora_alpha must be a finite number > 0 (or null: the rank), got {lora_alpha}")
+        if not target_modules:
+            problems.append("target_modules is empty; name at least one module (e.g. to_q)")
+        if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {list(betas)}")
         if not lr > 0:
             problems.append(f"lr must be > 0, got {lr}")
         if grad_clip is not None and not grad_clip > 0:
@@ -70,12 +79,29 @@ class FidelityPreservationLoss(AdversarialLoss):
         if optimizer not in OPTIMIZER_NAMES:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {optimizer!r}")
         if problems:
-            raise ValueError("FidelityPreservationLoss: " + "; ".join(problems))
+            raise InputError("FidelityPreservationLoss: " + "; ".join(problems))
+        check_local_path("FidelityPreservationLoss.discriminator_model", discriminator_model, "pipeline folder")
         self.real_latents = real_latents
         self.discriminator_model = discriminator_model
         self.lora_rank, self.lora_alpha, self.target_modules = lora_rank, lora_alpha, list(target_modules)
         self.lr, self.betas, self.weight_decay, self.grad_clip = lr, tuple(betas), weight_decay, grad_clip
         self.optimizer = optimizer
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Runs after the datamodule's setup and before any model loads: training prompts without a real latent
+        # would otherwise fail at the first batch that holds one.
+        records = getattr(trainer.datamodule, "train_records", None)
+        if stage != "fit" or self.real_latents != "data" or not records:
+            return
+        missing = [record for record in records if not record.get("latent")]
+        if missing:
+            locate = getattr(trainer.datamodule, "location_of", lambda record: None)
+            first = locate(missing[0]) or f"prompt {missing[0].get('prompt')!r}"
+            raise InputError(
+                f"FidelityPreservationLoss(real_latents='data'): {len(missing)} of {len(records)} training prompts have "
+                f"no \"latent\" (first: {first}); run `python -m comat_lightning.real_latents --config <config> --output "
+                "<dir>` and train on <dir>/real_latents.jsonl, or set real_latents: on_the_fly"
+            )
 
     # ---------------------------------------------------------------------------------------- the network
 
@@ -97,7 +123,7 @@ class FidelityPreservationLoss(AdversarialLoss):
 
         other = DiffusionBackbone.from_pretrained(self.discriminator_model)
         if other.vae_scale_factor != pl_module.backbone.vae_scale_factor or other.unet.config.in_channels != pl_module.backbone.unet.config.in_channels:
-            raise ValueError(
+            raise InputError(
                 f"FidelityPreservationLoss: discriminator_model {self.discriminator_model!r} works on different latents "
                 f"({other.unet.config.in_channels} channels, factor {other.vae_scale_factor}) than the generator"
             )

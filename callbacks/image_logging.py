@@ -25,7 +25,10 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import Callback
 
-from comat_lightning.attention_capture import Block, LayerSelection
+from comat_lightning.attention_capture import Block, layer_selection
+from comat_lightning.errors import InputError
+from comat_lightning.input_checks import check_local_path
+from comat_lightning.prompt_parsing import check_prompt
 
 MONITOR_SEED = 1234  # default base of the monitor prompts' seeds (prompt i uses MONITOR_SEED + i)
 
@@ -51,14 +54,23 @@ class MonitorPrompts(Callback):
         every_n_steps: int = 100,
         tile: int = 128,
     ):
+        owner = type(self).__name__
         if every_n_steps < 1:
-            raise ValueError(f"{type(self).__name__}: every_n_steps must be >= 1, got {every_n_steps}")
+            raise InputError(f"{owner}: every_n_steps must be >= 1, got {every_n_steps}")
         if num_prompts < 1:
-            raise ValueError(f"{type(self).__name__}: num_prompts must be >= 1, got {num_prompts}")
+            raise InputError(f"{owner}: num_prompts must be >= 1, got {num_prompts}")
         if tile < 16:
-            raise ValueError(f"{type(self).__name__}: tile must be >= 16 px, got {tile}")
+            raise InputError(f"{owner}: tile must be >= 16 px, got {tile}")
         if prompts is not None and not prompts:
-            raise ValueError(f"{type(self).__name__}: prompts is an empty list; give prompts or leave it null")
+            raise InputError(f"{owner}: prompts is an empty list; give prompts or leave it null")
+        for i, prompt in enumerate(prompts or []):
+            try:
+                check_prompt(prompt)
+            except InputError as err:
+                raise InputError(f"{owner}: prompts[{i}]: {err}") from None
+            if not prompt.strip():
+                raise InputError(f"{owner}: prompts[{i}] is empty")
+        check_local_path(f"{owner}.prompt_file", prompt_file, "prompt file")
         self.prompts, self.prompt_file, self.num_prompts = prompts, prompt_file, num_prompts
         self.seed, self.every_n_steps, self.tile = seed, every_n_steps, tile
         self._records: Optional[list[dict[str, Any]]] = None
@@ -68,7 +80,7 @@ class MonitorPrompts(Callback):
         if self.prompt_file is not None:  # read now: a bad file fails before any model loads
             from datamodules.prompts import read_prompt_file
 
-            self._records = read_prompt_file(self.prompt_file)[: self.num_prompts]
+            self._records = read_prompt_file(self.prompt_file, option=f"{type(self).__name__}.prompt_file")[: self.num_prompts]
 
     def records(self, trainer) -> list[dict[str, Any]]:
         if self._records is None:
@@ -78,7 +90,7 @@ class MonitorPrompts(Callback):
                 data = trainer.datamodule
                 source = getattr(data, "val_records", None) or getattr(data, "train_records", None) or []
                 if not source:
-                    raise ValueError(f"{type(self).__name__}: no monitor prompts: set prompts or prompt_file")
+                    raise InputError(f"{type(self).__name__}: no monitor prompts: set prompts or prompt_file")
                 self._records = [{"prompt": r["prompt"], **{k: r[k] for k in ("concepts", "entities") if k in r}} for r in source[: self.num_prompts]]
         return self._records
 
@@ -129,7 +141,7 @@ class AttentionMapLogger(MonitorPrompts):
 
     def __init__(self, blocks: list[Block] = ["down", "mid", "up"], resolutions: Optional[list[int]] = None, **kwargs):  # noqa: B006
         super().__init__(**kwargs)
-        self.layers = LayerSelection(tuple(blocks), tuple(resolutions) if resolutions else None)
+        self.layers = layer_selection(f"{type(self).__name__} blocks / resolutions", blocks, resolutions)
 
     def log_images(self, trainer, pl_module) -> None:
         from comat_lightning.attention_summary import summarizing_attention

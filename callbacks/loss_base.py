@@ -9,6 +9,7 @@ active losses once, computes only what they need, and adds ``weight * compute(..
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -17,6 +18,7 @@ from lightning.pytorch import Callback
 from torch import nn
 
 from comat_lightning.attention_capture import CaptureRequest
+from comat_lightning.errors import InputError
 
 if TYPE_CHECKING:
     from comat_lightning.attention_capture import AttentionStore
@@ -57,8 +59,7 @@ class LossCallback(Callback):
     needs = LossNeeds()
 
     def __init__(self, weight: float = 1.0, name: Optional[str] = None):
-        if not weight >= 0:  # also refuses NaN
-            raise ValueError(f"{type(self).__name__}: weight must be >= 0, got {weight}")
+        check_weight(type(self).__name__, "weight", weight)
         self.weight = float(weight)
         self.name = name or _snake_case(type(self).__name__)
 
@@ -99,6 +100,12 @@ class AdversarialLoss(LossCallback):
         raise NotImplementedError
 
 
+def check_weight(owner: str, option: str, value: float) -> None:
+    """A loss weight must be a finite number >= 0 (a negative weight would train towards the opposite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise InputError(f"{owner}: {option} must be >= 0 (and finite), got {value!r}")
+
+
 def _snake_case(name: str) -> str:
     out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
     return out.removesuffix("_loss")
@@ -110,10 +117,10 @@ def active_losses(callbacks) -> list[LossCallback]:
     names = [loss.name for loss in losses]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"two loss callbacks share the name(s) {duplicates}; give each a distinct `name`")
+        raise InputError(f"two loss callbacks share the name(s) {duplicates}; give each a distinct `name`")
     adversarial = [loss.name for loss in losses if isinstance(loss, AdversarialLoss)]
     if len(adversarial) > 1:
-        raise ValueError(f"at most one adversarial loss can be active (one discriminator step per generator step), got {adversarial}")
+        raise InputError(f"at most one adversarial loss can be active (one discriminator step per generator step), got {adversarial}")
     return losses
 
 
@@ -126,7 +133,7 @@ def merge_needs(losses: list[LossCallback]) -> LossNeeds:
         first_name, first = requests[0]
         for name, req in requests[1:]:
             if (req.num_steps, req.with_replacement) != (first.num_steps, first.with_replacement):
-                raise ValueError(
+                raise InputError(
                     f"losses {first_name!r} and {name!r} ask for different attention capture steps "
                     f"({first.num_steps}, with_replacement={first.with_replacement}) vs ({req.num_steps}, "
                     f"with_replacement={req.with_replacement}); set the same num_capture_steps / capture_with_replacement"

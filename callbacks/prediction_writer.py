@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from comat_lightning.atomic_files import atomic_write, write_bytes_atomically
+from comat_lightning.errors import InputError
 from comat_lightning.image_grids import to_uint8
 
 KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -91,7 +92,7 @@ class ImageWriter(BasePredictionWriter):
     def __init__(self, output_dir: str, write_concept_maps: bool = False, overwrite: bool = False):
         super().__init__(write_interval="batch")
         if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir).strip():
-            raise ValueError(f"ImageWriter: output_dir must be a non-empty path, got {output_dir!r}")
+            raise InputError(f"ImageWriter: output_dir must be a non-empty path, got {output_dir!r}")
         self.output_dir = Path(output_dir)
         self.write_concept_maps = write_concept_maps
         self.overwrite = overwrite
@@ -119,9 +120,9 @@ class ImageWriter(BasePredictionWriter):
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ValueError(f"ImageWriter: output_dir '{self.output_dir}' cannot be created: {err}") from err
+            raise InputError(f"ImageWriter: output_dir '{self.output_dir}' cannot be created: {err}") from err
         if not os.access(self.output_dir, os.W_OK | os.X_OK):
-            raise ValueError(f"ImageWriter: output_dir '{self.output_dir}' is not writable")
+            raise InputError(f"ImageWriter: output_dir '{self.output_dir}' is not writable")
         self._remove_leftovers()
         own = manifest_name(rank, world_size)
         live = {manifest_name(r, world_size) for r in range(world_size)}
@@ -165,12 +166,12 @@ class ImageWriter(BasePredictionWriter):
                 continue
             try:
                 entry = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, an integer too long, nested too deep
                 if number == len(lines):
                     continue
-                raise ValueError(f"{path}:{number}: not valid UTF-8 JSON ({err}); fix or delete the line") from err
+                raise InputError(f"{path}:{number}: not valid UTF-8 JSON ({err}); fix or delete the line") from err
             if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not KEY_PATTERN.fullmatch(entry["key"]):
-                raise ValueError(f'{path}:{number}: not an ImageWriter entry (needs a file-safe string "key")')
+                raise InputError(f'{path}:{number}: not an ImageWriter entry (needs a file-safe string "key")')
             entries.append(entry)
         return entries, raw
 

@@ -25,7 +25,10 @@ from typing import Callable, Iterator, Literal, Optional, Sequence
 import torch
 from torch import nn
 
+from comat_lightning.errors import InputError
+
 Block = Literal["down", "mid", "up"]
+BLOCKS: tuple[str, ...] = ("down", "mid", "up")
 BatchPart = Literal["cond", "all"]
 
 
@@ -41,14 +44,25 @@ class LayerSelection:
     resolutions: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
-        unknown = set(self.blocks) - {"down", "mid", "up"}
+        unknown = [b for b in self.blocks if b not in BLOCKS]
         if unknown or not self.blocks:
-            raise ValueError(f"attention layers: blocks must be a non-empty subset of down/mid/up, got {list(self.blocks)}")
-        if self.resolutions is not None and (not self.resolutions or min(self.resolutions) < 1):
-            raise ValueError(f"attention layers: resolutions must be positive map sides (or null for all), got {self.resolutions}")
+            raise InputError(f"attention layers: blocks must be a non-empty list of {list(BLOCKS)}, got {list(self.blocks)}")
+        if self.resolutions is not None and (
+            not self.resolutions or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in self.resolutions)
+        ):
+            raise InputError(f"attention layers: resolutions must be positive map sides (or null for all), got {self.resolutions}")
 
     def matches(self, layer: "CrossAttentionLayer") -> bool:
         return layer.block in self.blocks and (self.resolutions is None or layer.resolution in self.resolutions)
+
+
+def layer_selection(owner: str, blocks: Sequence[str], resolutions: Optional[Sequence[int]]) -> LayerSelection:
+    """A :class:`LayerSelection` built from options, with ``owner`` (e.g. "AttributeConcentrationLoss") named in the
+    error when the options are wrong."""
+    try:
+        return LayerSelection(tuple(blocks), tuple(resolutions) if resolutions else None)
+    except InputError as err:
+        raise InputError(f"{owner}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -60,8 +74,8 @@ class CaptureRequest:
     with_replacement: bool = False  # draw the steps with replacement (the official code's random.choices)
 
     def __post_init__(self):
-        if self.num_steps < 1:
-            raise ValueError(f"attention capture: num_steps must be >= 1, got {self.num_steps}")
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise InputError(f"attention capture: num_capture_steps must be an integer >= 1, got {self.num_steps!r}")
 
 
 @dataclass(frozen=True)
@@ -105,7 +119,7 @@ def select_layers(unet: nn.Module, selection: LayerSelection, latent_size: int) 
     chosen = [layer for layer in cross_attention_layers(unet, latent_size) if selection.matches(layer)]
     if not chosen:
         available = sorted({(layer.block, layer.resolution) for layer in cross_attention_layers(unet, latent_size)})
-        raise ValueError(
+        raise InputError(
             f"no cross-attention layer matches blocks={list(selection.blocks)} resolutions={selection.resolutions} at "
             f"latent size {latent_size}; this UNet has (block, resolution): {available}"
         )

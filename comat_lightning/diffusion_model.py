@@ -16,6 +16,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from comat_lightning.errors import InputError, MissingInputFile
 from comat_lightning.tiny_zoo import resolve_model_path
 
 ModelFamily = Literal["auto", "sd", "sdxl"]
@@ -58,11 +59,17 @@ def _read_model_index(path: str, revision: Optional[str]) -> dict:
     if local.is_dir():
         index = local / "model_index.json"
         if not index.is_file():
-            raise FileNotFoundError(
-                f"{path} is a folder but has no model_index.json: expected a diffusers pipeline folder "
-                "(unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+            raise MissingInputFile(
+                f"model.pretrained_model: {path} is a folder but has no model_index.json: expected a diffusers pipeline "
+                "folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
-        return json.loads(index.read_text())
+        try:
+            content = json.loads(index.read_bytes())
+        except (ValueError, RecursionError) as err:  # not UTF-8, not JSON
+            raise InputError(f"model.pretrained_model: {index} is not a JSON file ({err})") from None
+        if not isinstance(content, dict):
+            raise InputError(f"model.pretrained_model: {index} must hold a JSON object, got {type(content).__name__}")
+        return content
     from diffusers import DiffusionPipeline
 
     try:

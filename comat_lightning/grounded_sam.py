@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .masks import Masks, MaskProvider
+from .errors import InputError
+from .input_checks import check_local_path
 from .tiny_zoo import resolve_model_path
 
 # GroundingDINO's modeling code splits the text into phrases at these BERT-uncased ids ([CLS], [SEP], ".", "?");
@@ -98,7 +100,9 @@ class GroundedSAMMasks(MaskProvider):
         super().__init__()
         for option, value in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"GroundedSAMMasks: {option} must be a number in [0, 1], got {value!r}")
+                raise InputError(f"GroundedSAMMasks: {option} must be a number in [0, 1], got {value!r}")
+        check_local_path("GroundedSAMMasks.detector", detector, "detector folder")
+        check_local_path("GroundedSAMMasks.segmenter", segmenter, "segmenter folder")
         self.detector_id, self.segmenter_id = detector, segmenter
         self.box_threshold, self.text_threshold = float(box_threshold), float(text_threshold)
 

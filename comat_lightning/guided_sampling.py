@@ -9,6 +9,7 @@ UNet normalises per sample, so each sample's gradient is its own). Only the read
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Optional, Sequence
 
@@ -27,6 +28,7 @@ from comat_lightning.attention_guidance import (
     step_sizes,
 )
 from comat_lightning.diffusion_model import Conditioning
+from comat_lightning.errors import InputError
 from comat_lightning.rollout import cfg_noise, scheduler_step_kwargs
 
 
@@ -34,8 +36,11 @@ class AttentionGuidance(ABC):
     """One guidance method: per-sample losses on concept maps, and which steps it alters."""
 
     def __init__(self, max_iter_to_alter: Optional[int] = None, scale: float = 20.0):
+        owner = f"model.guidance ({type(self).__name__})"
         if max_iter_to_alter is not None and max_iter_to_alter < 0:
-            raise ValueError(f"max_iter_to_alter must be >= 0 (or null for every step), got {max_iter_to_alter}")
+            raise InputError(f"{owner}: max_iter_to_alter must be >= 0 (or null for every step), got {max_iter_to_alter}")
+        if not (math.isfinite(scale) and scale >= 0):
+            raise InputError(f"{owner}: scale must be a finite number >= 0, got {scale}")
         self.max_iter_to_alter = max_iter_to_alter
         self.scale = scale
 
@@ -79,7 +84,10 @@ class AStarGuidance(AttentionGuidance):
     ):
         super().__init__(max_iter_to_alter, scale)
         if threshold_rule not in ("minmax", "otsu"):
-            raise ValueError(f"AStarGuidance: threshold_rule must be 'minmax' or 'otsu', got {threshold_rule!r}")
+            raise InputError(f"model.guidance (AStarGuidance): threshold_rule must be 'minmax' or 'otsu', got {threshold_rule!r}")
+        for option, value in (("segregation_weight", segregation_weight), ("retention_weight", retention_weight)):
+            if not (math.isfinite(value) and value >= 0):
+                raise InputError(f"model.guidance (AStarGuidance): {option} must be a finite number >= 0, got {value}")
         self.segregation_weight, self.retention_weight, self.threshold_rule = segregation_weight, retention_weight, threshold_rule
         self._previous: list[Optional[torch.Tensor]] = []
         self._layout: list[Optional[torch.Tensor]] = []
@@ -122,6 +130,11 @@ class AttendAndExciteGuidance(AttentionGuidance):
     ):
         super().__init__(max_iter_to_alter, scale)
         self.thresholds = {0: 0.05, 10: 0.5, 20: 0.8} if thresholds is None else {int(k): float(v) for k, v in thresholds.items()}
+        bad = {step: value for step, value in self.thresholds.items() if step < 0 or not 0.0 <= value <= 1.0}
+        if bad:
+            raise InputError(f"model.guidance (AttendAndExciteGuidance): thresholds maps steps >= 0 to peak attentions in [0, 1], got {bad}")
+        if max_refinement_steps < 0:
+            raise InputError(f"model.guidance (AttendAndExciteGuidance): max_refinement_steps must be >= 0, got {max_refinement_steps}")
         self.max_refinement_steps = max_refinement_steps
 
     def losses(self, step, maps):

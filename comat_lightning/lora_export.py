@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from comat_lightning.errors import InputError
+
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default name, found by load_lora_weights
 
 
@@ -53,7 +55,7 @@ def load_unet_lora(unet, path: str | os.PathLike, adapter_name: str = "default")
     try:
         unet.load_lora_adapter(str(folder), prefix="unet", adapter_name=adapter_name, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"model.lora_weights={str(path)!r}: not a diffusers-format UNet LoRA ({err})") from err
+        raise InputError(f"model.lora_weights={str(path)!r}: not a diffusers-format UNet LoRA ({err})") from err
     for name, param in unet.named_parameters():
         if f".{adapter_name}." in name:
             param.requires_grad_(True)

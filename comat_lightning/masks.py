@@ -11,11 +11,14 @@ Also here: decoders (and encoders, for preparing data) of COCO run-length encodi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
+
+from comat_lightning.errors import InputError, MissingInputFile
+from comat_lightning.input_checks import user_path
 
 Masks = list[list[Optional[torch.Tensor]]]
 
@@ -65,35 +68,47 @@ def _record_name(record: dict) -> str:
 # ------------------------------------------------------------------------------------------------------- RLE
 
 
-def rle_decode(rle: dict) -> np.ndarray:
-    """Decode a COCO run-length encoding to a (h, w) bool array.
+# The largest mask accepted (8192 x 8192): a few bytes of RLE can describe any size, and decoding allocates it.
+MAX_MASK_PIXELS = 8192 * 8192
+
+
+def check_rle(rle: Any) -> tuple[int, int, list[int]]:
+    """Check a COCO run-length encoding without decoding it; return (height, width, run lengths).
 
     ``rle = {"size": [h, w], "counts": counts}`` where counts is either a list of run lengths (uncompressed RLE)
-    or COCO's compressed string. Runs alternate 0, 1, 0, ... starting with a (possibly empty) run of zeros and
-    walk the mask in column-major (Fortran) order. Raises ValueError describing what is wrong."""
+    or COCO's compressed string. Raises :class:`InputError` saying what is wrong."""
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise ValueError(f"an RLE must be a dict with 'size' and 'counts', got {_short(rle)}")
+        raise InputError(f"an RLE must be a dict with 'size' and 'counts', got {_short(rle)}")
     size = rle["size"]
     if (
         not isinstance(size, (list, tuple))
         or len(size) != 2
         or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in size)
     ):
-        raise ValueError(f"RLE 'size' must be [height, width] with positive integers, got {_short(size)}")
+        raise InputError(f"RLE 'size' must be [height, width] with positive integers, got {_short(size)}")
     height, width = int(size[0]), int(size[1])
+    if height * width > MAX_MASK_PIXELS:
+        raise InputError(f"RLE 'size' {height}x{width} is larger than the largest mask accepted ({MAX_MASK_PIXELS} pixels)")
     counts = rle["counts"]
     if isinstance(counts, str):
         runs = rle_string_to_counts(counts)
     elif isinstance(counts, (list, tuple)):
         if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in counts):
-            raise ValueError(f"RLE 'counts' must be integers, got {_short(counts)}")
+            raise InputError(f"RLE 'counts' must be integers, got {_short(counts)}")
         runs = [int(n) for n in counts]
     else:
-        raise ValueError(f"RLE 'counts' must be a list of run lengths or a COCO string, got {type(counts).__name__}")
+        raise InputError(f"RLE 'counts' must be a list of run lengths or a COCO string, got {type(counts).__name__}")
     if any(n < 0 for n in runs):
-        raise ValueError(f"RLE 'counts' has a negative run length: {_short(runs)}")
+        raise InputError(f"RLE 'counts' has a negative run length: {_short(runs)}")
     if sum(runs) != height * width:
-        raise ValueError(f"RLE run lengths sum to {sum(runs)}, but 'size' {height}x{width} has {height * width} pixels")
+        raise InputError(f"RLE run lengths sum to {sum(runs)}, but 'size' {height}x{width} has {height * width} pixels")
+    return height, width, runs
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """Decode a COCO run-length encoding (checked by :func:`check_rle`) to a (h, w) bool array. Runs alternate
+    0, 1, 0, ... starting with a (possibly empty) run of zeros and walk the mask in column-major (Fortran) order."""
+    height, width, runs = check_rle(rle)
     values = np.arange(len(runs)) % 2 == 1  # odd runs are the mask
     flat = np.repeat(values, runs)
     return flat.reshape(width, height).T  # column-major: the flat order walks down each column first
@@ -128,10 +143,10 @@ def rle_string_to_counts(text: str) -> list[int]:
         value, shift, more = 0, 0, True
         while more:
             if pos >= len(text):
-                raise ValueError(f"compressed RLE string ends in the middle of a number: {_short(text)}")
+                raise InputError(f"compressed RLE string ends in the middle of a number: {_short(text)}")
             group = ord(text[pos]) - 48
             if not 0 <= group < 64:
-                raise ValueError(f"compressed RLE string has an invalid character {text[pos]!r}: {_short(text)}")
+                raise InputError(f"compressed RLE string has an invalid character {text[pos]!r}: {_short(text)}")
             value |= (group & 0x1F) << shift
             more = bool(group & 0x20)
             pos += 1
@@ -184,76 +199,112 @@ def read_mask_image(path: Path) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ JsonlMasks
 
 
+def _check_mask_entry(mask: Any, where: str) -> None:
+    """One stored mask: an image path (not opened here) or a well-formed RLE dict."""
+    if isinstance(mask, str):
+        if not mask.strip():
+            raise InputError(f"{where}: the mask path is empty")
+    elif isinstance(mask, dict):
+        try:
+            check_rle(mask)
+        except InputError as error:
+            raise InputError(f"{where}: malformed RLE: {error}") from None
+    else:
+        raise InputError(f"{where}: a mask must be an image path or an RLE dict, got {type(mask).__name__}")
+
+
+def _phrase_map(given: Any, field: str, label: str) -> dict[str, Any]:
+    """``{phrase: mask}`` keyed by the normalised phrase (stripped, lower case); entries are not checked."""
+    head = f"{label}: " if label else ""
+    if not isinstance(given, dict):
+        raise InputError(f"{head}field {field!r} must map phrases to masks, got {type(given).__name__}")
+    by_phrase: dict[str, Any] = {}
+    for key, mask in given.items():
+        phrase = str(key).strip().lower()
+        if not phrase:
+            raise InputError(f"{head}field {field!r} has an empty phrase")
+        if phrase in by_phrase:
+            raise InputError(f"{head}field {field!r} has phrase {phrase!r} twice")
+        by_phrase[phrase] = mask
+    return by_phrase
+
+
+def check_mask_field(given: Any, field: str, label: str = "") -> dict[str, Any]:
+    """Check a record's whole mask field (``{phrase: image path or RLE}``) without reading any file, as the prompt
+    reader does for every record; returns it keyed by normalised phrase. Messages start with ``label``."""
+    if given is None:
+        return {}
+    by_phrase = _phrase_map(given, field, label)
+    lead = f"{label}, " if label else ""
+    for phrase, mask in by_phrase.items():
+        _check_mask_entry(mask, f"{lead}phrase {phrase!r} (field {field!r})")
+    return by_phrase
+
+
 class JsonlMasks(MaskProvider):
     """Masks given with the data: ``record[field]`` is a dict ``{phrase: mask}``, each mask either a path to an
     image file (relative paths are resolved against ``root``, default the current directory; nonzero = inside) or
     a COCO-style RLE dict ``{"size": [h, w], "counts": [...] or "<compressed>"}``.
 
     A phrase missing from the dict (or a record without the field) gives None. A missing file or a malformed mask
-    raises ValueError naming the record's prompt, the phrase and the problem. Masks come back at their stored
-    resolution (the loss resizes them to each attention map)."""
+    raises :class:`InputError` naming the record's prompt, the phrase and the problem; :meth:`check_records` finds
+    all of them up front (before any model loads). Masks come back at their stored resolution (the loss resizes
+    them to each attention map)."""
 
     needs_images = False
 
     def __init__(self, field: str = "masks", root: Optional[str] = None) -> None:
         super().__init__()
         if not isinstance(field, str) or not field:
-            raise ValueError(f"JsonlMasks: 'field' must be a non-empty string, got {field!r}")
+            raise InputError(f"JsonlMasks.field: must be a non-empty string, got {field!r}")
+        if root is not None and not user_path(root).is_dir():
+            raise MissingInputFile(f"JsonlMasks.root={root!r}: no such folder (mask paths are resolved against it)")
         self.field = field
-        self.root = Path(root) if root is not None else None
+        self.root = user_path(root) if root is not None else None
 
     def extra_repr(self) -> str:
         return f"field={self.field!r}, root={str(self.root) if self.root else None!r}"
 
+    def check_records(self, records: list[dict], locate: Callable[[dict], Optional[str]] = lambda record: None) -> None:
+        """Check every record's masks: structure, RLE and that each image file exists (none is read). ``locate``
+        gives a record's "file:line" for the message, when known."""
+        for record in records:
+            label = locate(record) or f"record {_record_name(record)}"
+            for phrase, mask in check_mask_field(record.get(self.field), self.field, label).items():
+                if isinstance(mask, str) and not self._path(mask).is_file():
+                    raise MissingInputFile(f"{label}, phrase {phrase!r} (field {self.field!r}): mask file {str(self._path(mask))!r} does not exist")
+
     @torch.no_grad()
     def forward(self, images: Optional[torch.Tensor], phrases: list[list[str]], records: list[dict]) -> Masks:
         if len(phrases) != len(records):
-            raise ValueError(f"JsonlMasks: got {len(phrases)} phrase lists for {len(records)} records")
+            raise ValueError(f"JsonlMasks: got {len(phrases)} phrase lists for {len(records)} records")  # a caller's bug
         device = images.device if images is not None else self.device
         masks: Masks = []
         for sample_phrases, record in zip(phrases, records):
-            stored = self._masks_of(record)
+            given = record.get(self.field)
+            stored = {} if given is None else _phrase_map(given, self.field, f"record {_record_name(record)}")
             masks.append(
                 [self._decode(record, phrase, stored.get(phrase.strip().lower()), device) for phrase in sample_phrases]
             )
         return masks
 
-    def _masks_of(self, record: dict) -> dict[str, Any]:
-        given = record.get(self.field)
-        if given is None:
-            return {}
-        if not isinstance(given, dict):
-            raise ValueError(
-                f"record {_record_name(record)}: field {self.field!r} must map phrases to masks, "
-                f"got {type(given).__name__}"
-            )
-        by_phrase: dict[str, Any] = {}
-        for key, mask in given.items():
-            phrase = str(key).strip().lower()
-            if phrase in by_phrase:
-                raise ValueError(f"record {_record_name(record)}: field {self.field!r} has phrase {phrase!r} twice")
-            by_phrase[phrase] = mask
-        return by_phrase
+    def _path(self, stored: str) -> Path:
+        path = user_path(stored)
+        return path if path.is_absolute() else (self.root if self.root is not None else Path.cwd()) / path
 
     def _decode(self, record: dict, phrase: str, stored: Any, device: torch.device) -> Optional[torch.Tensor]:
         if stored is None:
             return None
         where = f"record {_record_name(record)}, phrase {phrase!r} (field {self.field!r})"
+        _check_mask_entry(stored, where)
         if isinstance(stored, str):
-            path = Path(stored).expanduser()
-            if not path.is_absolute():
-                path = (self.root if self.root is not None else Path.cwd()) / path
+            path = self._path(stored)
             if not path.is_file():
-                raise ValueError(f"{where}: mask file {str(path)!r} does not exist")
+                raise MissingInputFile(f"{where}: mask file {str(path)!r} does not exist")
             try:
                 mask = read_mask_image(path)
             except Exception as error:  # PIL raises several types for unreadable files
-                raise ValueError(f"{where}: cannot read mask file {str(path)!r}: {error}") from error
-        elif isinstance(stored, dict):
-            try:
-                mask = rle_decode(stored)
-            except ValueError as error:
-                raise ValueError(f"{where}: malformed RLE: {error}") from error
+                raise InputError(f"{where}: cannot read mask file {str(path)!r}: {error}") from error
         else:
-            raise ValueError(f"{where}: a mask must be an image path or an RLE dict, got {type(stored).__name__}")
+            mask = rle_decode(stored)
         return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)).to(device)

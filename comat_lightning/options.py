@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal, Optional, get_args
 
 import torch
 
+from comat_lightning.errors import InputError
 from comat_lightning.rollout import GradientStepPolicy
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def build_optimizer(name: OptimizerName, params, lr: float, betas, weight_decay:
             raise ImportError(f"optimizer {name!r} needs bitsandbytes (pip install 'bitsandbytes>=0.45'): {err}") from err
         cls = bnb_optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb_optim.AdamW8bit
         return cls(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+    raise InputError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
 
 
 def check_trainer(trainer, optimizers: dict[str, str], adversarial: bool) -> None:
@@ -107,7 +108,7 @@ def check_trainer(trainer, optimizers: dict[str, str], adversarial: bool) -> Non
     if precision.startswith("16") and strategy.root_device.type == "cpu":
         problems.append(f"trainer.precision={precision} on CPU: fp16 autocast is not supported there; use bf16-mixed or 32-true")
     if problems:
-        raise ValueError("unsupported trainer settings:\n  " + "\n  ".join(problems))
+        raise InputError("unsupported trainer settings:\n  " + "\n  ".join(problems))
 
 
 def check_options(sampler: SamplerConfig, gradient_steps: GradientStepPolicy, lora: LoraConfig, optimizer: OptimizerConfig, finetune: str) -> None:
@@ -123,7 +124,7 @@ def check_options(sampler: SamplerConfig, gradient_steps: GradientStepPolicy, lo
         try:  # e.g. K gradient steps > num_inference_steps
             gradient_steps.select(sampler.num_inference_steps, torch.Generator().manual_seed(0))
         except ValueError as err:
-            problems.append(f"model.gradient_steps: {err}")
+            problems.append(f"model.gradient_steps: {err}; its gradient steps must be among the model.sampler.num_inference_steps denoising steps")
     if not math.isfinite(sampler.guidance_scale) or sampler.guidance_scale < 0:
         problems.append(f"model.sampler.guidance_scale={sampler.guidance_scale}: must be a finite number >= 0")
     scheduler_cls = getattr(diffusers, sampler.scheduler, None)
@@ -131,6 +132,8 @@ def check_options(sampler: SamplerConfig, gradient_steps: GradientStepPolicy, lo
         problems.append(f"model.sampler.scheduler={sampler.scheduler!r}: not a diffusers scheduler class (e.g. DDPMScheduler)")
     if finetune == "lora" and lora.rank < 1:
         problems.append(f"model.lora.rank={lora.rank}: must be >= 1")
+    if finetune == "lora" and lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        problems.append(f"model.lora.alpha={lora.alpha}: must be a finite number > 0 (or null: the rank)")
     if finetune == "lora" and not lora.target_modules:
         problems.append("model.lora.target_modules: empty; name at least one module (e.g. to_q)")
     if not optimizer.lr > 0:
@@ -139,12 +142,16 @@ def check_options(sampler: SamplerConfig, gradient_steps: GradientStepPolicy, lo
         problems.append(f"model.optimizer.grad_clip={optimizer.grad_clip}: must be > 0 (or null to disable)")
     if optimizer.weight_decay < 0:
         problems.append(f"model.optimizer.weight_decay={optimizer.weight_decay}: must be >= 0")
+    if len(optimizer.betas) != 2 or not all(0 <= beta < 1 for beta in optimizer.betas):
+        problems.append(f"model.optimizer.betas={list(optimizer.betas)}: must be two numbers in [0, 1)")
+    if optimizer.warmup_steps < 0:
+        problems.append(f"model.optimizer.warmup_steps={optimizer.warmup_steps}: must be >= 0")
     if optimizer.name not in OPTIMIZER_NAMES:
         problems.append(f"model.optimizer.name={optimizer.name!r}: expected one of {', '.join(OPTIMIZER_NAMES)}")
     if problems:
-        raise ValueError("invalid options:\n  " + "\n  ".join(problems))
+        raise InputError("invalid options:\n  " + "\n  ".join(problems))
 
 
 def check_resolution(resolution: int, backbone: DiffusionBackbone) -> None:
     if resolution % backbone.vae_scale_factor:
-        raise ValueError(f"model.sampler.resolution={resolution} is not divisible by this VAE's factor {backbone.vae_scale_factor}")
+        raise InputError(f"model.sampler.resolution={resolution} is not divisible by this VAE's factor {backbone.vae_scale_factor}")

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from comat_lightning.errors import InputError
 from comat_lightning.prompt_parsing import EntityParser, Word
 
 SEED_STRIDE = 1_000_003
@@ -25,6 +26,24 @@ SEED_STRIDE = 1_000_003
 
 def image_key(index: int, seed: int) -> str:
     return f"{index:05d}-s{seed}"
+
+
+def check_token_indices(value: Any) -> list[int]:
+    """A record's "token_indices": a non-empty list of integer positions >= 1 in the text encoder input (0 is the
+    start token; the upper bound depends on the prompt and is checked with the tokenizer)."""
+    if not isinstance(value, list) or not value or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in value):
+        raise InputError(f"\"token_indices\" must be a non-empty list of integers >= 1 (0 is the start token), got {value!r}")
+    return list(value)
+
+
+def check_concepts(prompt: str, value: Any) -> list[str]:
+    """A record's "concepts": a non-empty list of single words of the prompt (each guided by its first token)."""
+    from comat_lightning.prompt_parsing import entities_from_json
+
+    if not isinstance(value, list) or not value or not all(isinstance(w, str) and w.strip() for w in value):
+        raise InputError(f"\"concepts\" must be a non-empty list of words of the prompt, got {value!r}")
+    entities_from_json(prompt, [[w, []] for w in value])  # each must be one word that occurs in the prompt
+    return [str(w) for w in value]
 
 
 def concept_positions(record: dict[str, Any], tokenizer, parser: EntityParser) -> tuple[list[str], list[int]]:
@@ -35,29 +54,29 @@ def concept_positions(record: dict[str, Any], tokenizer, parser: EntityParser) -
 
     prompt = record["prompt"]
     if record.get("token_indices") is not None:
-        indices = [int(i) for i in record["token_indices"]]
+        indices = check_token_indices(record["token_indices"])
         limit = tokenizer.model_max_length - 1
-        if not indices or any(i < 1 or i >= limit for i in indices):
-            raise ValueError(f"prompt {prompt!r}: token_indices {indices} must lie in 1..{limit - 1} (0 is the start token)")
+        if any(i >= limit for i in indices):
+            raise InputError(f"prompt {prompt!r}: token_indices {indices} must lie in 1..{limit - 1} (0 is the start token)")
         ids = tokenizer(prompt).input_ids
         if max(indices) >= len(ids) - 1:
-            raise ValueError(f"prompt {prompt!r}: token_indices {indices} point past its last token (it has {len(ids) - 2})")
+            raise InputError(f"prompt {prompt!r}: token_indices {indices} point past its last token (it has {len(ids) - 2})")
         return [tokenizer.decode([ids[i]]).strip() for i in indices], indices
     if record.get("concepts") is not None:
-        words = [str(w) for w in record["concepts"]]
         try:
-            entities = entities_from_json(prompt, [[w, []] for w in words])
-        except ValueError as err:
-            raise ValueError(f"prompt {prompt!r}: a concept is not a word of the prompt: {err}") from None
+            words = check_concepts(prompt, record["concepts"])
+        except InputError as err:
+            raise InputError(f"prompt {prompt!r}: a concept is not a word of the prompt: {err}") from None
+        entities = entities_from_json(prompt, [[w, []] for w in words])
     else:
         nouns: list[Word] = parser.nouns(prompt)
         if not nouns:
-            raise ValueError(f"prompt {prompt!r}: the parser found no noun to guide; give \"concepts\" or \"token_indices\"")
+            raise InputError(f"prompt {prompt!r}: the parser found no noun to guide; give \"concepts\" or \"token_indices\"")
         entities = entities_from_json(prompt, [{"noun": w.text, "noun_start": w.start, "attributes": []} for w in nouns])
         words = [w.text for w in nouns]
     aligned = align_entities(prompt, entities, tokenizer)
     if len(aligned) != len(words):
-        raise ValueError(f"prompt {prompt!r}: concepts {words} fall beyond the text encoder's {tokenizer.model_max_length} tokens")
+        raise InputError(f"prompt {prompt!r}: concepts {words} fall beyond the text encoder's {tokenizer.model_max_length} tokens")
     return words, [a.noun_positions[0] for a in aligned]
 
 
@@ -81,12 +100,12 @@ def layout_masks(records: list[dict], concepts: list[list[str]]) -> Optional[lis
             continue
         missing = [w for w, m in zip(words, sample) if m is None]
         if missing:
-            raise ValueError(f"prompt {record['prompt']!r}: \"layout\" has no mask for concept(s) {missing}")
+            raise InputError(f"prompt {record['prompt']!r}: \"layout\" has no mask for concept(s) {missing}")
         out.append(torch.stack(list(sample)))
     return out
 
 
-__all__ = ["concept_positions", "image_key", "layout_masks", "record_seeds"]
+__all__ = ["check_concepts", "check_token_indices", "concept_positions", "image_key", "layout_masks", "record_seeds"]
 
 
 def predict_batch(module, batch: dict[str, list]) -> Optional[dict[str, Any]]:

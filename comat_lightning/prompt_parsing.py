@@ -39,6 +39,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+from comat_lightning.errors import InputError, MissingInputPackage
+
 MODIFIERS = frozenset({"amod", "nmod", "compound", "npadvmod", "advmod", "acomp"})
 _NOUN_POS = frozenset({"NOUN", "PROPN"})
 _NEVER_ATTRIBUTES = frozenset({"DET", "CCONJ", "PUNCT", "SYM", "SPACE"})
@@ -69,7 +71,7 @@ class Entity:
     def __post_init__(self) -> None:
         stray = [w.text for w in self.compounds if w not in self.attributes]
         if stray:
-            raise ValueError(f"compound word(s) {stray} of noun {self.noun.text!r} must also be attributes")
+            raise InputError(f"compound word(s) {stray} of noun {self.noun.text!r} must also be attributes")
 
     @property
     def noun_phrase(self) -> str:
@@ -89,6 +91,18 @@ class Entity:
         return out
 
 
+def check_prompt(prompt: Any) -> str:
+    """A prompt must be a string that can be written as UTF-8 (a JSON escape such as "\\ud800" gives an unpaired
+    surrogate, which the tokenizers and spaCy cannot encode)."""
+    if not isinstance(prompt, str):
+        raise InputError(f"a prompt must be a string, got {type(prompt).__name__}: {prompt!r}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"prompt {prompt!r} holds {prompt[err.start]!r}, an unpaired surrogate that is not text; write the character itself") from None
+    return prompt
+
+
 # ---- Hand-written / precomputed entities ---------------------------------------------------------------------
 
 _JSON_KEYS = ("noun", "attributes", "noun_start", "attribute_starts", "compounds")
@@ -103,13 +117,13 @@ def _whole_word_spans(prompt: str, word: str) -> list[tuple[int, int]]:
 def _word_at(prompt: str, word: str, start: Any, what: str) -> Word:
     """The word at an explicit offset, checked: the offset must point at the whole word."""
     if isinstance(start, bool) or not isinstance(start, int):
-        raise ValueError(f"{what} offset must be an integer, got {start!r} (prompt {prompt!r})")
+        raise InputError(f"{what} offset must be an integer, got {start!r} (prompt {prompt!r})")
     spans = _whole_word_spans(prompt, word)
     for span_start, span_end in spans:
         if span_start == start:
             return Word(prompt[span_start:span_end], span_start)
     found = f"; it occurs at {[s for s, _ in spans]}" if spans else "; it is not in the prompt"
-    raise ValueError(f"{what} offset {start} does not point at {word!r} in prompt {prompt!r}{found}")
+    raise InputError(f"{what} offset {start} does not point at {word!r} in prompt {prompt!r}{found}")
 
 
 def _normalize_raw_entity(prompt: str, index: int, item: Any) -> dict[str, Any]:
@@ -119,17 +133,17 @@ def _normalize_raw_entity(prompt: str, index: int, item: Any) -> dict[str, Any]:
         item = {"noun": item[0], "attributes": item[1]}
     if not isinstance(item, dict):
         example = '{"noun": "cat", "attributes": ["black"]}'
-        raise ValueError(f"{where}: expected an object like {example}, got {item!r}")
+        raise InputError(f"{where}: expected an object like {example}, got {item!r}")
     unknown = sorted(set(item) - set(_JSON_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {list(_JSON_KEYS)}")
+        raise InputError(f"{where}: unknown key(s) {unknown}; allowed: {list(_JSON_KEYS)}")
     if "noun" not in item:
-        raise ValueError(f"{where}: missing \"noun\" (keys: {sorted(item)})")
+        raise InputError(f"{where}: missing \"noun\" (keys: {sorted(item)})")
     noun = item["noun"]
     if not isinstance(noun, str) or not noun.strip():
-        raise ValueError(f"{where}: \"noun\" must be a non-empty string, got {noun!r}")
+        raise InputError(f"{where}: \"noun\" must be a non-empty string, got {noun!r}")
     if len(noun.split()) != 1:
-        raise ValueError(
+        raise InputError(
             f"{where}: \"noun\" must be one word (the head noun), got {noun!r}; put compound words in \"attributes\" "
             f"and \"compounds\", e.g. {{\"noun\": \"bear\", \"attributes\": [\"teddy\"], \"compounds\": [\"teddy\"]}}"
         )
@@ -137,11 +151,11 @@ def _normalize_raw_entity(prompt: str, index: int, item: Any) -> dict[str, Any]:
     for key in ("attributes", "compounds"):
         words = item.get(key, [])
         if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
-            raise ValueError(f"{where}: \"{key}\" must be a list of non-empty strings, got {words!r}")
+            raise InputError(f"{where}: \"{key}\" must be a list of non-empty strings, got {words!r}")
         checked[key] = [w.strip() for w in words]
     starts = item.get("attribute_starts")
     if starts is not None and (not isinstance(starts, list) or len(starts) != len(checked["attributes"])):
-        raise ValueError(f"{where}: \"attribute_starts\" must be a list with one offset per attribute, got {starts!r}")
+        raise InputError(f"{where}: \"attribute_starts\" must be a list with one offset per attribute, got {starts!r}")
     checked["noun_start"], checked["attribute_starts"] = item.get("noun_start"), starts
     return checked
 
@@ -153,10 +167,11 @@ def entities_from_json(prompt: str, raw: list[dict]) -> list[Entity]:
     pair ["cat", ["black"]] is accepted too. Without offsets, words are located in the prompt: nouns take successive
     occurrences (the k-th entity with noun "cat" gets the k-th "cat" not claimed by an explicit offset), each
     attribute takes its occurrence nearest to (preferably before) its noun; matching is case-insensitive and on whole
-    words. Raises ValueError naming the prompt and the word when a word is not in the prompt, an offset does not
+    words. Raises InputError naming the prompt and the word when a word is not in the prompt, an offset does not
     point at the word, or the structure is wrong."""
+    check_prompt(prompt)
     if not isinstance(raw, list):
-        raise ValueError(f"entities of prompt {prompt!r} must be a list of objects, got {type(raw).__name__}: {raw!r}")
+        raise InputError(f"entities of prompt {prompt!r} must be a list of objects, got {type(raw).__name__}: {raw!r}")
     items = [_normalize_raw_entity(prompt, i, item) for i, item in enumerate(raw)]
 
     # Nouns: explicit offsets first, so that the successive-occurrence rule skips the occurrences they claim.
@@ -177,7 +192,7 @@ def entities_from_json(prompt: str, raw: list[dict]) -> list[Entity]:
             detail = f"has {len(free)} occurrence(s) left after explicit offsets but is the noun of {k + 1} entities"
             if not _whole_word_spans(prompt, item["noun"]):
                 detail = "is not in the prompt"
-            raise ValueError(f"entity {i}: noun {item['noun']!r} {detail} (prompt {prompt!r})")
+            raise InputError(f"entity {i}: noun {item['noun']!r} {detail} (prompt {prompt!r})")
         used[key] = k + 1
         nouns[i] = Word(prompt[free[k][0] : free[k][1]], free[k][0])
 
@@ -191,7 +206,7 @@ def entities_from_json(prompt: str, raw: list[dict]) -> list[Entity]:
             else:
                 word = _nearest_occurrence(prompt, text, noun, what)
             if word == noun:
-                raise ValueError(f"{what} is the noun itself (prompt {prompt!r})")
+                raise InputError(f"{what} is the noun itself (prompt {prompt!r})")
             if word not in attributes:
                 attributes.append(word)
         attributes.sort(key=lambda w: w.start)
@@ -199,7 +214,7 @@ def entities_from_json(prompt: str, raw: list[dict]) -> list[Entity]:
         for text in item["compounds"]:
             matches = [w for w in attributes if w.text.casefold() == text.casefold()]
             if not matches:
-                raise ValueError(
+                raise InputError(
                     f"entity {i} ({noun.text!r}): compound {text!r} must also be listed in \"attributes\" "
                     f"(prompt {prompt!r})"
                 )
@@ -216,7 +231,7 @@ def _distance(word: Word, noun: Word) -> tuple[int, int]:
 def _nearest_occurrence(prompt: str, text: str, noun: Word, what: str) -> Word:
     spans = [s for s in _whole_word_spans(prompt, text) if s[1] <= noun.start or s[0] >= noun.end]
     if not spans:
-        raise ValueError(f"{what} is not in prompt {prompt!r}")
+        raise InputError(f"{what} is not in prompt {prompt!r}")
     words = [Word(prompt[s:e], s) for s, e in spans]
     return min(words, key=lambda w: _distance(w, noun))
 
@@ -320,7 +335,7 @@ class EntityParser:
                 return spacy.load(name, exclude=["ner", "lemmatizer"])
             except OSError:
                 continue
-        raise OSError(
+        raise MissingInputPackage(
             f"spacy_model={self.spacy_model!r}: no such spaCy pipeline is installed"
             + (f" (also tried {FALLBACK_SPACY_MODEL!r})" if len(names) > 1 else "")
             + ". Install the official model with `python -m spacy download en_core_web_sm` (needs network access to "
@@ -330,12 +345,13 @@ class EntityParser:
 
     def parse(self, prompt: str) -> list[Entity]:
         if prompt not in self._cache:
+            check_prompt(prompt)
             self._cache[prompt] = tuple(entities_from_doc(self.nlp(prompt)))
         return list(self._cache[prompt])
 
     def parse_many(self, prompts: Iterable[str], batch_size: int = 256) -> list[list[Entity]]:
         """Like :meth:`parse` for many prompts, batched through ``nlp.pipe`` (for preparing a whole prompt file)."""
-        prompts = list(prompts)
+        prompts = [check_prompt(p) for p in prompts]
         todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         for prompt, doc in zip(todo, self.nlp.pipe(todo, batch_size=batch_size)):
             self._cache[prompt] = tuple(entities_from_doc(doc))
@@ -346,7 +362,7 @@ class EntityParser:
         of attention guidance. Compound modifiers ("teddy" in "teddy bear") are not heads."""
         key = "\0nouns\0" + prompt  # shares the cache; cannot collide with a prompt
         if key not in self._cache:
-            doc = self.nlp(prompt)
+            doc = self.nlp(check_prompt(prompt))
             self._cache[key] = tuple(Word(t.text, t.idx) for t in doc if t.pos_ in _NOUN_POS and t.dep_ not in MODIFIERS)
         return list(self._cache[key])
 

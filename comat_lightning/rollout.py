@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from comat_lightning.diffusion_model import Conditioning
+from comat_lightning.errors import InputError
 
 
 class GradientStepPolicy(ABC):
@@ -46,13 +47,13 @@ class EvenlySpacedSteps(GradientStepPolicy):
 
     def __init__(self, num_gradient_steps: int = 5):
         if num_gradient_steps < 1:
-            raise ValueError(f"num_gradient_steps must be >= 1, got {num_gradient_steps}")
+            raise InputError(f"EvenlySpacedSteps: num_gradient_steps must be >= 1, got {num_gradient_steps}")
         self.num_gradient_steps = num_gradient_steps
 
     def select(self, num_steps: int, generator: torch.Generator) -> list[int]:
         k = self.num_gradient_steps
         if k > num_steps:
-            raise ValueError(f"EvenlySpacedSteps: num_gradient_steps={k} exceeds num_inference_steps={num_steps}")
+            raise InputError(f"EvenlySpacedSteps: num_gradient_steps={k} exceeds num_inference_steps={num_steps}")
         interval = num_steps // k
         phase = self._randint(0, num_steps - interval * (k - 1) - 1, generator)
         return [phase + i * interval for i in range(k)]
@@ -63,12 +64,12 @@ class LastSteps(GradientStepPolicy):
 
     def __init__(self, num_gradient_steps: int = 1):
         if num_gradient_steps < 1:
-            raise ValueError(f"num_gradient_steps must be >= 1, got {num_gradient_steps}")
+            raise InputError(f"LastSteps: num_gradient_steps must be >= 1, got {num_gradient_steps}")
         self.num_gradient_steps = num_gradient_steps
 
     def select(self, num_steps: int, generator: torch.Generator) -> list[int]:
         if self.num_gradient_steps > num_steps:
-            raise ValueError(f"LastSteps: num_gradient_steps={self.num_gradient_steps} exceeds num_inference_steps={num_steps}")
+            raise InputError(f"LastSteps: num_gradient_steps={self.num_gradient_steps} exceeds num_inference_steps={num_steps}")
         return list(range(num_steps - self.num_gradient_steps, num_steps))
 
 
@@ -79,7 +80,7 @@ class SingleRandomStep(GradientStepPolicy):
 
     def __init__(self, first_fraction: float = 0.75, last_fraction: float = 1.0):
         if not 0.0 <= first_fraction < last_fraction <= 1.0:
-            raise ValueError(f"need 0 <= first_fraction < last_fraction <= 1, got {first_fraction}, {last_fraction}")
+            raise InputError(f"SingleRandomStep: need 0 <= first_fraction < last_fraction <= 1, got {first_fraction}, {last_fraction}")
         self.first_fraction = first_fraction
         self.last_fraction = last_fraction
 

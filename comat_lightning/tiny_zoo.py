@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from comat_lightning.errors import InputError
+
 TINY_SCHEME = "tiny://"
 # The cache key is a hash of the builders' files: any change to a builder invalidates previously built models.
 _BUILDER_FILES = (Path(__file__), Path(__file__).with_name("tiny_detection_zoo.py"))
@@ -87,7 +89,7 @@ def resolve_model_path(path: str) -> str:
         return path
     name = path[len(TINY_SCHEME) :].strip("/")
     if name not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model {path!r}; expected one of {[TINY_SCHEME + m for m in TINY_MODELS]}")
+        raise InputError(f"unknown tiny model {path!r}; expected one of {[TINY_SCHEME + m for m in TINY_MODELS]}")
     target = zoo_root() / f"{name}-{ZOO_VERSION}"
     if not (target / ".complete").exists():
         build_tiny_model(name, target)

@@ -17,13 +17,16 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from comat_lightning.errors import InputError
+from comat_lightning.input_checks import user_path
+
 LATENTS_KEY = "latents"  # the tensor's name inside a shard
 LATENT_CHANNELS = 4  # SD 1.x / 2.x / XL VAEs
 VAE_FACTOR = 8  # image px per latent px for those VAEs
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-class LatentReferenceError(ValueError):
+class LatentReferenceError(InputError):
     """A bad reference; ``position`` is its index in the list handed to :func:`check_latent_refs` (the caller
     turns it into a file and line)."""
 
@@ -42,22 +45,22 @@ class LatentRef:
 
 
 def parse_latent_ref(value: Any) -> tuple[str, int]:
-    """``{"file": str, "index": int >= 0}`` -> (file, index). Raises ValueError saying what was expected; no file
+    """``{"file": str, "index": int >= 0}`` -> (file, index). Raises InputError saying what was expected; no file
     is opened."""
     if not isinstance(value, dict) or set(value) - {"file", "index"}:
-        raise ValueError(f'expected {{"file": "<shard>.safetensors", "index": <int>}}, got {value!r}')
+        raise InputError(f'expected {{"file": "<shard>.safetensors", "index": <int>}}, got {value!r}')
     file, index = value.get("file"), value.get("index")
     if not isinstance(file, str) or not file:
-        raise ValueError(f'"file" must be a non-empty path string, got {file!r}')
+        raise InputError(f'"file" must be a non-empty path string, got {file!r}')
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:  # bool is an int subclass in Python
-        raise ValueError(f'"index" must be an integer >= 0, got {index!r}')
+        raise InputError(f'"index" must be an integer >= 0, got {index!r}')
     return file, index
 
 
 def resolve_latent_file(file: str, base: Path) -> Path:
     """``file`` as an absolute path; a relative one is relative to ``base`` (the folder of the JSONL naming it).
     Lexical only (no symlink lookups): 20k references cost no system calls."""
-    path = Path(file).expanduser()
+    path = user_path(file)
     return Path(os.path.normpath(path if path.is_absolute() else base.absolute() / path))
 
 
@@ -69,23 +72,23 @@ def expected_latent_shape(resolution: Optional[int]) -> Optional[tuple[int, int,
 
 
 def _read_header(path: Path) -> tuple[str, list[int]]:
-    """(dtype, shape) of the latents tensor in ``path``; headers only. Raises ValueError naming the problem."""
+    """(dtype, shape) of the latents tensor in ``path``; headers only. Raises InputError naming the problem."""
     from safetensors import SafetensorError, safe_open
 
     if not path.exists():
-        raise ValueError(f"latent file {path} does not exist")
+        raise InputError(f"latent file {path} does not exist")
     if not path.is_file():
-        raise ValueError(f"latent file {path} is not a file")
+        raise InputError(f"latent file {path} is not a file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             if LATENTS_KEY not in handle.keys():
-                raise ValueError(f'latent file {path} has no "{LATENTS_KEY}" tensor (tensors: {sorted(handle.keys())})')
+                raise InputError(f'latent file {path} has no "{LATENTS_KEY}" tensor (tensors: {sorted(handle.keys())})')
             latents = handle.get_slice(LATENTS_KEY)
             return latents.get_dtype(), list(latents.get_shape())
     except SafetensorError as err:  # truncated, not safetensors at all (e.g. a torch.save pickle), bad header
-        raise ValueError(f"latent file {path} is not a readable safetensors file ({err})") from None
+        raise InputError(f"latent file {path} is not a readable safetensors file ({err})") from None
     except OSError as err:
-        raise ValueError(f"latent file {path} cannot be read ({err.strerror or err})") from None
+        raise InputError(f"latent file {path} cannot be read ({err.strerror or err})") from None
 
 
 def check_latent_refs(refs: Sequence[LatentRef], expected: Optional[tuple[int, int, int]] = None) -> tuple[int, ...]:
@@ -100,7 +103,7 @@ def check_latent_refs(refs: Sequence[LatentRef], expected: Optional[tuple[int, i
         if key not in headers:
             try:
                 headers[key] = _read_header(ref.file)
-            except ValueError as err:
+            except InputError as err:
                 raise LatentReferenceError(position, str(err)) from None
             dtype, shape = headers[key]
             sample = tuple(shape[1:])

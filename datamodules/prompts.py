@@ -2,8 +2,9 @@
 
 Files are ``.txt`` (one prompt per line) or ``.jsonl`` (one JSON object per line with a ``"prompt"`` string; any
 other fields, e.g. precomputed entity parses or a real-latent reference, are carried into the batch as lists).
-An optional ``"entities"`` field (hand-written or from ``python -m comat_lightning.prepare_entities``) is checked
-against its prompt when the file is read. An optional ``"latent": {"file": ..., "index": ...}`` (written by
+Files are read and every line checked by datamodules/prompt_files.py: the known optional fields (``"entities"``,
+hand-written or from ``python -m comat_lightning.prepare_entities``, ``"concepts"``, ``"token_indices"``, ``"seed"``,
+``"masks"``, ``"layout"``, ``"latent"``) are checked against their prompt when the file is read. An optional ``"latent": {"file": ..., "index": ...}`` (written by
 ``python -m comat_lightning.real_latents``) names the frozen base model's final latent for the prompt: every
 reference is checked against its file's header at ``setup`` (before any model loads), and each batch whose records
 all have one gets ``batch["real_latent"]`` (B, 4, h, w) float32 (see datamodules/latents.py).
@@ -15,7 +16,6 @@ position is saved in Lightning checkpoints, so a resumed run sees exactly the ba
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from comat_lightning.prompt_parsing import entities_from_json
+from comat_lightning.errors import InputError
 from datamodules.latents import (
     LatentRef,
     LatentReferenceError,
@@ -34,67 +34,9 @@ from datamodules.latents import (
     parse_latent_ref,
     resolve_latent_file,
 )
+from datamodules.prompt_files import PromptFileError, read_numbered_prompt_file, read_prompt_file
 
 REAL_LATENT_KEY = "real_latent"  # batch key of the stacked real latents
-
-
-class PromptFileError(ValueError):
-    """A prompt file that cannot be used; the message names the file and line."""
-
-
-def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
-    """Read prompt records from ``path`` (.txt or .jsonl); each record has at least a non-empty ``"prompt"``."""
-    return [record for _, record in read_numbered_prompt_file(path)]
-
-
-def read_numbered_prompt_file(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """Like :func:`read_prompt_file`, with each record's line number (for messages about it later)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist" if not path.exists() else f"prompt file {path} is not a file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise PromptFileError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8") from None
-    is_jsonl = path.suffix.lower() in (".jsonl", ".json")
-    records, blank = [], 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            blank += 1
-            continue
-        if not is_jsonl:
-            records.append((number, {"prompt": line.strip()}))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PromptFileError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise PromptFileError(f"{path}:{number}: expected a JSON object like {{\"prompt\": \"...\"}}, got {type(record).__name__}")
-        if "prompt" not in record:
-            raise PromptFileError(f"{path}:{number}: record has no \"prompt\" key (keys: {sorted(record)})")
-        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            raise PromptFileError(f"{path}:{number}: \"prompt\" must be a non-empty string, got {record['prompt']!r}")
-        record["prompt"] = record["prompt"].strip()
-        if record.get("entities") is not None:
-            # Checked here, against the prompt, so that a typo fails at load time with its line, not mid-training.
-            try:
-                entities_from_json(record["prompt"], record["entities"])
-            except ValueError as err:
-                raise PromptFileError(f"{path}:{number}: bad \"entities\": {err}") from None
-        if record.get("latent") is not None:
-            try:  # the form only; the file itself is checked by PromptDataModule.setup
-                parse_latent_ref(record["latent"])
-            except ValueError as err:
-                raise PromptFileError(f"{path}:{number}: bad \"latent\": {err}") from None
-        records.append((number, record))
-    if not records:
-        raise PromptFileError(f"{path}: no prompts (the file is empty or has only blank lines)")
-    if blank:
-        warnings.warn(f"{path}: skipped {blank} blank line(s)", stacklevel=2)
-    return records
 
 
 def attach_latents(sources: list[tuple[Path, list[tuple[int, dict[str, Any]]]]], resolution: Optional[int]) -> list[list[dict]]:
@@ -278,13 +220,13 @@ class PromptDataModule(LightningDataModule):
     ):
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"data.batch_size must be >= 1, got {batch_size}")
         if val_size < 0:
-            raise ValueError(f"data.val_size must be >= 0, got {val_size}")
+            raise InputError(f"data.val_size must be >= 0, got {val_size}")
         if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+            raise InputError(f"data.num_workers must be >= 0, got {num_workers}")
         if latent_resolution is not None and (latent_resolution <= 0 or latent_resolution % 8):
-            raise ValueError(f"data.latent_resolution must be a positive multiple of 8 (the VAE factor), got {latent_resolution}")
+            raise InputError(f"data.latent_resolution must be a positive multiple of 8 (the VAE factor), got {latent_resolution}")
         self.train_file, self.val_file, self.val_size = train_file, val_file, val_size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.tokenizer_model = tokenizer_model
@@ -295,27 +237,38 @@ class PromptDataModule(LightningDataModule):
         self.val_records: list[dict] = []
         self.predict_records: list[dict] = []
         self.test_records: list[dict] = []
+        self._locations: dict[int, tuple[dict, str]] = {}  # id(record) -> (record, "file:line")
 
     def setup(self, stage: Optional[str] = None) -> None:
+        # Lightning runs datamodule.setup before configure_model: every file problem fails before any model loads.
         if stage == "predict":
-            path = self.predict_file or self.train_file
-            self.predict_records = [{**record, "index": i} for i, record in enumerate(read_prompt_file(path))]
+            option, path = ("data.predict_file", self.predict_file) if self.predict_file else ("data.train_file", self.train_file)
+            numbered = read_numbered_prompt_file(path, option)
+            self.predict_records = [{**record, "index": i} for i, (_, record) in enumerate(numbered)]
+            self._locate(path, numbered, self.predict_records)
+            from comat_lightning.masks import JsonlMasks  # predict reads "layout" masks as JsonlMasks(field="layout")
+
+            JsonlMasks(field="layout").check_records(self.predict_records, self.location_of)
             return
         if stage == "test" and self.test_file:
-            self.test_records = read_prompt_file(self.test_file)
+            numbered = read_numbered_prompt_file(self.test_file, "data.test_file")
+            self.test_records = [record for _, record in numbered]
+            self._locate(self.test_file, numbered, self.test_records)
             return
         if self.train_records or self.val_records:
             return
-        sources = [(Path(self.train_file), read_numbered_prompt_file(self.train_file))]
+        sources = [(Path(self.train_file), read_numbered_prompt_file(self.train_file, "data.train_file"))]
         if self.val_file:
-            sources.append((Path(self.val_file), read_numbered_prompt_file(self.val_file)))
-        # Lightning runs datamodule.setup before configure_model: a bad latent reference fails before any model loads.
-        records, *val = attach_latents(sources, self.latent_resolution)
+            sources.append((Path(self.val_file), read_numbered_prompt_file(self.val_file, "data.val_file")))
+        attached = attach_latents(sources, self.latent_resolution)
+        for (path, numbered), source_records in zip(sources, attached):
+            self._locate(path, numbered, source_records)
+        records, *val = attached
         if val:
             self.val_records = val[0]
         elif self.val_size:
             if self.val_size >= len(records):
-                raise ValueError(f"data.val_size={self.val_size} leaves no training prompts: {self.train_file} has {len(records)}")
+                raise InputError(f"data.val_size={self.val_size} leaves no training prompts: {self.train_file} has {len(records)}")
             order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed)).tolist()
             held_out = set(order[: self.val_size])
             self.val_records = [r for i, r in enumerate(records) if i in held_out]
@@ -323,6 +276,15 @@ class PromptDataModule(LightningDataModule):
         self.train_records = records
         if self.tokenizer_model:
             self._warn_long_prompts()
+
+    def _locate(self, path: str | Path, numbered: list[tuple[int, dict]], records: list[dict]) -> None:
+        for (line, _), record in zip(numbered, records):
+            self._locations[id(record)] = (record, f"{path}:{line}")
+
+    def location_of(self, record: dict) -> Optional[str]:
+        """"file:line" of a record this datamodule holds (for messages of checks made after reading), else None."""
+        held, location = self._locations.get(id(record), (None, None))
+        return location if held is record else None  # the entry keeps its record alive: an id is never reused
 
     def _warn_long_prompts(self) -> None:
         from comat_lightning.diffusion_model import load_tokenizer
@@ -366,7 +328,7 @@ class PromptDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if not self.test_file and not self.val_records:
-            raise ValueError("train.py test needs held-out prompts: set data.test_file (or data.val_file / data.val_size)")
+            raise InputError("train.py test needs held-out prompts: set data.test_file (or data.val_file / data.val_size)")
         return self._evaluation_loader(self.test_records if self.test_file else self.val_records)
 
     def _evaluation_loader(self, records: list[dict]) -> DataLoader:
@@ -379,3 +341,9 @@ class PromptDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_prompts,
         )
+
+
+__all__ = [
+    "REAL_LATENT_KEY", "EpochSampler", "PromptDataModule", "PromptDataset", "PromptFileError", "ResumableDataLoader",
+    "attach_latents", "collate_prompts", "read_numbered_prompt_file", "read_prompt_file",
+]  # fmt: skip
