@@ -31,6 +31,8 @@ def _config(tmp_path: Path, name: str, devices: int, batch_size: int, strategy, 
     trainer.update(devices=devices, strategy=strategy, max_steps=steps, limit_val_batches=0, logger=False,
                    enable_checkpointing=checkpoints, enable_progress_bar=False)  # fmt: skip
     config["data"]["batch_size"] = batch_size
+    for key in ("train_file", "val_file"):  # the run's folder is tmp_path (a logger-less run saves config.yaml there)
+        config["data"][key] = str(REPO / config["data"][key])
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -39,7 +41,7 @@ def _config(tmp_path: Path, name: str, devices: int, batch_size: int, strategy, 
 def _fit(tmp_path: Path, config: Path, *args: str) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), *args]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
