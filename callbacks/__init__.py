@@ -5,6 +5,7 @@ from callbacks.attribute_concentration import AttributeConcentrationLoss
 from callbacks.composition_metrics import CompositionMetrics
 from callbacks.concept_matching import ConceptMatchingLoss
 from callbacks.fidelity_preservation import FidelityPreservationLoss
+from callbacks.graceful_stop import GracefulStop
 from callbacks.image_logging import AttentionMapLogger, SampleImageLogger
 from callbacks.lora_export import ExportLoRA
 from callbacks.prediction_writer import ImageWriter
@@ -21,6 +22,7 @@ __all__ = [
     "FidelityPreservationLoss",
     "ExportLoRA",
     "GeneratorStepProgressBar",
+    "GracefulStop",
     "GeneratorStepRichProgressBar",
     "ImageWriter",
     "SampleImageLogger",

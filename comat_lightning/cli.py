@@ -22,6 +22,33 @@ class CoMatCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         name_runs_after_config(self.config.get(self.subcommand) if self.subcommand else self.config)
 
+    def before_fit(self) -> None:
+        self._resolve_last_checkpoint("fit")
+
+    def before_validate(self) -> None:
+        self._resolve_last_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._resolve_last_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._resolve_last_checkpoint("predict")
+
+    def _resolve_last_checkpoint(self, subcommand: str) -> None:
+        """``--ckpt_path last``: the newest checkpoint in the run's checkpoint folder that loads. Lightning would take
+        the newest ``last*.ckpt`` and fail on it if it is unreadable; we warn and take the previous good one."""
+        config = self.config_init[subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        from comat_lightning.checkpoint_files import checkpoint_folders, resume_path
+
+        folders = checkpoint_folders(self.trainer)
+        path = resume_path(folders)
+        if path is None:
+            where = ", ".join(str(f) for f in folders) or "(no ModelCheckpoint callback)"
+            warnings.warn(f"--ckpt_path last: no loadable checkpoint in {where}; starting from the beginning", stacklevel=1)
+        config["ckpt_path"] = str(path) if path is not None else None
+
 
 def name_runs_after_config(config) -> None:
     """Runs are named after their (last) config file unless the config names them: a TensorBoard logger without
@@ -47,6 +74,8 @@ def main(args=None, run: bool = True) -> CoMatCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The frozen models (VAE, text encoders, captioner) are in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # Checkpoints are taken after the generator step's update on purpose (a resume continues from there).
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps.*")
     return CoMatCLI(
         CoMatModule,
         PromptDataModule,

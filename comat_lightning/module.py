@@ -7,18 +7,21 @@ One generator step (``training_step``), top to bottom:
    few of them if a loss reads maps;
 2. decode the final latent with the VAE when a loss needs pixels;
 3. every active loss callback turns the generated batch into a weighted scalar;
-4. one AdamW step on the LoRA weights, after clipping their gradient norm;
-5. with an adversarial loss (Fidelity Preservation), one discriminator step on the detached fake and real latents.
+4. backward into the LoRA weights, gradient norm clipped;
+5. with an adversarial loss (Fidelity Preservation), the discriminator's gradient on the detached fake and real
+   latents;
+6. one AdamW step for each, or, if any loss term or gradient is NaN/inf, neither (comat_lightning/nonfinite.py).
 
 The module holds what the losses need (frozen helper models they ``build``) and computes nothing no active loss
-asks for. Models are loaded in ``configure_model`` (after option checks, and after ``setup`` has refused a
-run with no loss), so a bad config fails in seconds, not after loading gigabytes.
+asks for. Models are loaded in ``configure_model`` (comat_lightning/model_loading.py: after option checks, and
+after ``setup`` has refused a run with no loss), so a bad config fails in seconds, not after loading gigabytes.
+Every run stops cleanly on SIGTERM/SIGINT with a checkpoint (callbacks/graceful_stop.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import warnings
 from typing import Literal, Optional
 
 import torch
@@ -27,16 +30,18 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossCallback, LossNeeds, active_losses, merge_needs
-from comat_lightning.adapters import checkpoint_keeping_adapters
-from comat_lightning.attention_capture import AttentionStore, Block, LayerSelection, install_capture, select_layers
+from comat_lightning.attention_capture import AttentionStore, Block, LayerSelection
 from comat_lightning.attention_summary import summarizing_attention
 from comat_lightning.diffusion_model import Conditioning, DiffusionBackbone, ModelFamily
+from comat_lightning.errors import InputError
 from comat_lightning.guided_sampling import AttentionGuidance
-from comat_lightning.options import LoraConfig, OptimizerConfig, SamplerConfig, build_optimizer, check_options, check_resolution, check_trainer
+from comat_lightning.input_checks import check_model_inputs
+from comat_lightning.model_loading import ModelLoading
+from comat_lightning.nonfinite import NonFiniteGuard
+from comat_lightning.options import LoraConfig, OptimizerConfig, SamplerConfig, build_optimizer, check_options, check_trainer
 from comat_lightning.prompt_parsing import EntityParser
 from comat_lightning.rollout import EvenlySpacedSteps, GradientStepPolicy
 from comat_lightning.sampling import RolloutSampling
-from comat_lightning.sharding import is_model_parallel, shard_trainable, shard_unet
 from comat_lightning.step_statistics import StepClock, gradient_norm, peak_memory_gib
 from comat_lightning.training_state import CheckpointState, use_atomic_checkpoint_io
 
@@ -46,7 +51,7 @@ _VALIDATION_SEED_OFFSET = 2**40
 _POLICY_SEED_OFFSET = 2**41
 
 
-class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
+class CoMatModule(CheckpointState, ModelLoading, RolloutSampling, LightningModule):
     """Args:
         pretrained_model: SD 1.x/2.x or SDXL pipeline, hub id or folder (``tiny://sd`` for the built-in demo).
         unet_path: replace the pipeline's UNet (e.g. the paper's SDXL UNet fine-tuned at 512 px).
@@ -64,6 +69,8 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
             bfloat16 under ``trainer.precision: bf16-mixed`` (half the memory; autocast computes in bf16 anyway),
             else float32. Trainable weights (LoRA, discriminator head) and optimizer state always stay float32.
         seed: base of the per-step, per-rank noise seeds.
+        nonfinite_limit: a NaN/inf in a loss term or gradient skips that update (both optimizers untouched); after
+            this many such steps in a row the run stops with a checkpoint of the last good state.
         lora_weights: a diffusers-format UNet LoRA (file or folder; ours or any) loaded as the online adapter
             instead of a fresh one: sample with it (``predict``) or continue training from it.
         guidance: test-time attention guidance for ``predict`` (``AStarGuidance`` or ``AttendAndExciteGuidance``);
@@ -88,6 +95,7 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         gradient_checkpointing: bool = True,
         frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
         seed: int = 0,
+        nonfinite_limit: int = 3,  # one bad batch is noise; several in a row mean the run has diverged
         lora_weights: Optional[str] = None,
         guidance: Optional[AttentionGuidance] = None,
         guidance_blocks: list[Block] = ["down", "mid", "up"],  # noqa: B006 (read-only)
@@ -104,6 +112,7 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.frozen_dtype = frozen_dtype
         self.seed = seed
+        self.nonfinite = NonFiniteGuard(nonfinite_limit, reduce_any=self._any_rank)
         self.lora_weights = lora_weights
         self.guidance = guidance
         self.concept_parser = EntityParser()  # default guidance concepts: the prompt's nouns (spaCy loads lazily)
@@ -125,7 +134,7 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
     def setup(self, stage: str) -> None:
         self.losses = active_losses(self.trainer.callbacks)
         if stage == "fit" and not self.losses:
-            raise ValueError(
+            raise InputError(
                 "no loss callback is active: add at least one under trainer.callbacks, e.g.\n"
                 "  - class_path: callbacks.ConceptMatchingLoss\n    init_args: {captioner: Salesforce/blip-image-captioning-large}"
             )
@@ -133,7 +142,7 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         adversary = self.adversary
         precision = str(self.trainer.precision)
         if adversary is not None and precision.startswith("16"):
-            raise ValueError(
+            raise InputError(
                 f"trainer.precision={precision}: fp16 loss scaling is not supported with {type(adversary).__name__} "
                 "(its discriminator step bypasses the gradient scaler); use bf16-mixed or 32-true"
             )
@@ -142,92 +151,16 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
             optimizers[f"{type(adversary).__name__}.optimizer"] = getattr(adversary, "optimizer", "adamw")
         check_trainer(self.trainer, optimizers, adversarial=adversary is not None)
         if self.frozen_dtype == "bfloat16" and not precision.startswith("bf16"):
-            raise ValueError(
+            raise InputError(
                 f"model.frozen_dtype=bfloat16 with trainer.precision={precision}: bf16 weights need bf16 compute; "
                 "use trainer.precision: bf16-mixed (or model.frozen_dtype: auto)"
             )
+        check_model_inputs(self, stage)  # paths, layers and LoRA targets against the model's config files only
         use_atomic_checkpoint_io(self.trainer)
-
-    def configure_model(self) -> None:
-        if self.backbone is not None:  # Lightning may call this once per stage
-            return
-        backbone = DiffusionBackbone.from_pretrained(**self.model_source)
-        check_resolution(self.sampler.resolution, backbone)
-        backbone.requires_grad_(False)
-        unet = backbone.unet
-        if self.finetune == "full":
-            self.base_unet = copy.deepcopy(unet).eval()
-            unet.requires_grad_(True)
-        elif self.lora_weights:
-            from comat_lightning.lora_export import load_unet_lora
-
-            load_unet_lora(unet, self.lora_weights)
-        elif self._trainer is None or self.trainer.state.fn != "predict":  # sampling the base: no empty adapter
-            from peft import LoraConfig as PeftLoraConfig
-
-            unet.add_adapter(
-                PeftLoraConfig(
-                    r=self.lora.rank,
-                    lora_alpha=self.lora.alpha or self.lora.rank,
-                    target_modules=list(self.lora.target_modules),
-                    init_lora_weights=True,  # B = 0: training starts exactly at the base model
-                )
-            )
-        if self.gradient_checkpointing:
-            # Non-reentrant (works with detached inputs and frozen bases); re-runs use the adapter their forward used.
-            unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_keeping_adapters)
-            backbone.vae.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_keeping_adapters)
-        self.backbone = backbone
-        self._install_attention_capture()
-        for loss in self.losses:
-            helper = loss.build(self)
-            if helper is not None:
-                self.loss_modules[loss.name] = helper.requires_grad_(False)
-        if self.adversary is not None:  # the discriminator's LoRA and head are the only helper weights that train
-            for param in self.adversary.discriminator_parameters(self):
-                param.requires_grad_(True)
-        self._store_frozen_weights()
-        if is_model_parallel(self._trainer):  # FSDP2 over the data-parallel ranks: the UNet and what else trains
-            mesh = self.device_mesh["data_parallel"]
-            shard_unet(unet, mesh)
-            for helper in self.loss_modules.values():
-                shard_trainable(helper, mesh)
-
-    def _store_frozen_weights(self) -> None:
-        """Cast frozen parameters to ``frozen_dtype``; trainable ones (and buffers such as normalisation constants)
-        stay float32. The VAE in bf16 is safe (bf16 has fp32's range; fp16 is what overflows in SDXL's decoder)."""
-        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        auto = torch.bfloat16 if precision == "bf16-mixed" else None
-        dtype = {"auto": auto, "float32": None, "bfloat16": torch.bfloat16}[self.frozen_dtype]
-        if dtype is None:
-            return
-        backbone = self.backbone
-        frozen = [backbone.unet, backbone.vae, *backbone.text_encoders, self.base_unet, *self.loss_modules.values()]
-        for module in frozen:
-            for param in module.parameters() if module is not None else ():
-                if not param.requires_grad and param.is_floating_point():
-                    param.data = param.data.to(dtype)
 
     @property
     def adversary(self) -> Optional[AdversarialLoss]:
         return next((loss for loss in self.losses if isinstance(loss, AdversarialLoss)), None)
-
-    def _install_attention_capture(self) -> None:
-        """Explicit-softmax processors on the union of the layers the active losses read; SDPA elsewhere."""
-        latent_size = self.sampler.resolution // self.backbone.vae_scale_factor
-        selections = [loss.needs.attention.layers for loss in self.losses if loss.needs.attention is not None]
-        if self.guidance is not None:
-            selections.append(self.guidance_selection())
-        if not selections:
-            return
-        layers = {layer.name: layer for sel in selections for layer in select_layers(self.backbone.unet, sel, latent_size)}
-        install_capture(self.backbone.unet, list(layers.values()), self.attention_store)
-
-    def guidance_selection(self) -> LayerSelection:
-        layers = self.guidance_layers
-        if layers.resolutions is None:  # default: a quarter of the latent size (16 at 512 px for SD1.5)
-            layers = LayerSelection(layers.blocks, (self.sampler.resolution // self.backbone.vae_scale_factor // 4,))
-        return layers
 
     def predict_step(self, batch: dict, batch_idx: int):
         """Images for ``batch`` (see comat_lightning/prediction.py), with ``guidance`` if set."""
@@ -239,11 +172,16 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
             return predict_batch(self, batch)
 
     def configure_callbacks(self):
-        """Lightning's default progress bar counts batches per epoch; ours counts generator steps toward max_steps."""
+        """Lightning's default progress bar counts batches per epoch; ours counts generator steps toward max_steps.
+        Every run stops cleanly on SIGTERM/SIGINT and on too many non-finite steps (callbacks/graceful_stop.py)."""
+        from callbacks.graceful_stop import GracefulStop
         from callbacks.progress import generator_step_bar
 
         bar = generator_step_bar(self.trainer.progress_bar_callback)
-        return [bar] if bar is not None else []
+        extra = [bar] if bar is not None else []
+        if not any(isinstance(cb, GracefulStop) for cb in self.trainer.callbacks):  # a configured one keeps its settings
+            extra.append(GracefulStop())
+        return extra
 
     def configure_optimizers(self):
         cfg = self.optimizer_config
@@ -264,17 +202,38 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         self._clock.start(self.device)
         optimizers, schedules = self.optimizers(), self.lr_schedulers()
-        optimizer, lr_schedule = (optimizers[0], schedules[0]) if isinstance(optimizers, list) else (optimizers, schedules)
-        # Generator phase: only the generator's weights require grad (the discriminator is frozen for its term).
-        with self.toggled_optimizer(optimizer) if isinstance(optimizers, list) else contextlib.nullcontext():
-            loss, generated, logs = self._generator_step(batch, optimizer, lr_schedule)
+        (optimizer, critic_optimizer), (lr_schedule, critic_schedule) = (
+            (optimizers, schedules) if isinstance(optimizers, list) else ((optimizers, None), (schedules, None))
+        )
+        self.nonfinite.start_step()
+        # 1-4. Generator phase: rollout, decode, loss terms, backward. Only the generator's weights require grad (the
+        #      discriminator is frozen for its term).
+        with self.toggled_optimizer(optimizer) if critic_optimizer is not None else contextlib.nullcontext():
+            loss, generated, logs = self._generator_backward(batch, optimizer)
         self.generator_step += 1
-        # Discriminator phase (adversarial loss only), on the detached fake and the real latents.
-        if isinstance(optimizers, list):
-            with self.toggled_optimizer(optimizers[1]):
-                logs.update(self._discriminator_step(generated, optimizers[1], schedules[1]))
+        # 5. Discriminator phase (adversarial loss only), on the detached fake and the real latents. It reads only
+        #    its own weights, so computing its gradient before the generator's update changes nothing.
+        if critic_optimizer is not None and not self.nonfinite.skipping:
+            with self.toggled_optimizer(critic_optimizer):
+                logs.update(self._discriminator_backward(generated, critic_optimizer))
+        # 6. Both updates, or neither: a NaN/inf anywhere skips the step (comat_lightning/nonfinite.py).
+        apply, warning = self.nonfinite.finish_step(self.generator_step)
+        if apply:
+            optimizer.step()
+            lr_schedule.step()
+            if critic_optimizer is not None:
+                # The plain torch optimizer: Lightning's wrapper would count this as a training step, and
+                # `trainer.max_steps`, checkpoint and logging intervals would no longer count generator steps.
+                critic_optimizer.optimizer.step()
+                critic_schedule.step()
+        elif self.trainer.is_global_zero:
+            warnings.warn(warning, stacklevel=1)
+        for opt in (optimizer, critic_optimizer):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)  # free the gradients now, not at the next step (memory)
         self.attention_store.clear()  # release the maps (and the graph they hold) before the next step
 
+        logs["skipped_steps"] = torch.tensor(float(self.nonfinite.skipped_total))
         batch_size = len(generated.prompts)
         for name, value in logs.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
@@ -288,8 +247,8 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         self.log("perf/peak_memory_gib", peak_memory_gib(self.device), batch_size=batch_size)
         return loss
 
-    def _generator_step(self, batch: dict, optimizer, lr_schedule):
-        # 1. Rollout with gradient through the policy's steps. The step choice is the same on every rank (so
+    def _generator_backward(self, batch: dict, optimizer):
+        # 1-2. Rollout with gradient through the policy's steps. The step choice is the same on every rank (so
         #    ranks do equal work); the noise is drawn per sample of the global batch, so it differs across ranks
         #    (the official code drew identical noise) and N ranks draw what one process with N x the batch would.
         #    Cross-attention maps (if a loss reads them) are recorded at a few of those steps.
@@ -297,21 +256,20 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         generated = self.generate(
             batch, seed=self._seed(), gradient_steps=steps, capture_steps=capture, sample_ids=self._sample_ids(len(batch["prompt"]))
         )
-        # 2-3. Weighted loss terms from the active loss callbacks.
+        # 3. Weighted loss terms from the active loss callbacks (generate decoded the images if one needs pixels).
         terms, extras = self.loss_terms(generated)
         loss = torch.stack(list(terms.values())).sum()
-        # 4. Generator update. A loss with no graph (e.g. attribute concentration alone on a batch where no entity
-        #    was found) has nothing to back-propagate: the step is then a no-op for the weights, but still counts.
+        # 4. Gradient, clipped. A loss with no graph (e.g. attribute concentration alone on a batch where no entity
+        #    was found) has nothing to back-propagate: the update is then a no-op for the weights, but still counts.
+        #    A non-finite term is not back-propagated at all (on any rank: the decision is shared).
         optimizer.zero_grad(set_to_none=True)
         grad_norm = torch.zeros(())
-        if loss.requires_grad:
+        if self.nonfinite.check(terms) and loss.requires_grad:
             self.manual_backward(loss)
             grad_norm = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
-            if self.optimizer_config.grad_clip is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=self.optimizer_config.grad_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step (memory)
-        lr_schedule.step()
+            clip = self.optimizer_config.grad_clip
+            if self.nonfinite.check({"generator gradient": grad_norm}) and clip is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         logs = {"loss": loss.detach(), **{name: value.detach() for name, value in {**terms, **extras}.items()}}
         # Each term's share of the total: which loss drives the update (0 when the total is 0).
         total = loss.detach()
@@ -321,22 +279,21 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
             logs.update({f"{term.name}/{k}": v for k, v in term.gradient_logs().items()})
         return loss.detach(), generated, logs
 
-    def _discriminator_step(self, generated: GeneratedBatch, optimizer, lr_schedule) -> dict[str, torch.Tensor]:
+    def _discriminator_backward(self, generated: GeneratedBatch, optimizer) -> dict[str, torch.Tensor]:
         adversary = self.adversary
+        prefix = f"{adversary.name}/discriminator"
         loss, extras = adversary.discriminator_loss(self, generated)
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        extras["grad_norm"] = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
-        if adversary.grad_clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=adversary.grad_clip, gradient_clip_algorithm="norm")
-        # The plain torch optimizer steps: Lightning's wrapper would count this as a training step, and
-        # `trainer.max_steps`, checkpoint and logging intervals then would no longer count generator steps.
-        optimizer.optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr_schedule.step()
-        prefix = f"{adversary.name}/discriminator"
-        extras["lr"] = torch.tensor(lr_schedule.get_last_lr()[0])
+        if self.nonfinite.check({f"{prefix} loss": loss}):
+            self.manual_backward(loss)
+            extras["grad_norm"] = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
+            if self.nonfinite.check({f"{prefix} gradient": extras["grad_norm"]}) and adversary.grad_clip is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=adversary.grad_clip, gradient_clip_algorithm="norm")
+        extras["lr"] = torch.tensor(self.lr_schedulers()[1].get_last_lr()[0])
         return {prefix: loss.detach(), **{f"{prefix}_{k}": v.detach() for k, v in extras.items()}}
+
+    def _any_rank(self, flag: bool) -> bool:
+        return self.trainer.strategy.reduce_boolean_decision(flag, all=False) if self._trainer is not None else flag
 
     def validation_step(self, batch: dict, batch_idx: int) -> GeneratedBatch:
         return self._evaluation_step(batch, batch_idx, "val")
@@ -389,15 +346,5 @@ class CoMatModule(CheckpointState, RolloutSampling, LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.global_rank if self._trainer is not None else 0
         return [i * world + rank for i in range(batch_size)]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.loss_modules.eval()  # frozen judges (captioner, detectors) never train: no dropout, no batch stats
-        if self.backbone is not None:
-            for frozen in (self.backbone.vae, self.backbone.text_encoders, self.base_unet):
-                if frozen is not None:
-                    frozen.eval()
-        return self
-
 
 __all__ = ["CoMatModule", "SamplerConfig", "LoraConfig", "OptimizerConfig"]

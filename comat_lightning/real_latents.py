@@ -18,7 +18,9 @@ latent does not depend on which batch or shard it lands in. Output, all written 
   ``data.train_file: DIR/real_latents.jsonl``.
 
 Resumable: a shard that loads, has the right shape and was written for the same prompts, model, sampler, precision
-and seed is kept; a missing, corrupt or stale one is (re)generated. Every prompt gets exactly one latent.
+and seed is kept; a missing, corrupt or stale one is (re)generated. Every prompt gets exactly one latent. SIGTERM
+or SIGINT stops the command at the next batch (exit status 128 + signal number; a second signal exits at once):
+finished shards are kept, the rerun continues from the shard in hand.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from comat_lightning.atomic_files import atomic_write
+from comat_lightning.stop_signals import StoppedBySignal, StopRequest
 from datamodules.latents import LATENTS_KEY  # the tensor name the datamodule reads
 
 FORMAT = "comat-real-latents/1"
@@ -120,11 +123,15 @@ def generate_latents(
     batch_size: int,
     forward_context: Callable = contextlib.nullcontext,
     progress: Optional[Callable[[int], None]] = None,
+    stop: Optional[StopRequest] = None,
 ) -> torch.Tensor:
     """Final latents (n, 4, h, w) float32 on the CPU of the module's frozen base, one generator per prompt;
-    ``progress(n)`` is told after each batch of n prompts."""
+    ``progress(n)`` is told after each batch of n prompts. A ``stop`` request raises :class:`StoppedBySignal` at
+    the next batch boundary (the unfinished shard is not written)."""
     out = []
     for start in range(0, len(prompts), batch_size):
+        if stop is not None and stop.requested:
+            raise StoppedBySignal(stop.received, f"{stop.signal_name}: stopped")
         # diffusers' randn_tensor draws sample i from generators[i] (initial noise and every DDPM step's noise).
         generators = [torch.Generator().manual_seed(s) for s in seeds[start : start + batch_size]]
         with torch.no_grad(), forward_context(), module.frozen_base() as unet:
@@ -153,9 +160,12 @@ def write_real_latents(
     forward_context: Callable = contextlib.nullcontext,
     log: Callable[[str], None] = print,
     progress: Optional[Callable[[int], None]] = None,
+    stop: Optional[StopRequest] = None,
 ) -> dict[str, int]:
     """Make ``output`` hold one valid shard per ``shard_size`` prompts and the JSONL index; return the counts.
-    ``progress(n)`` is told each time n more prompts are done (generated, or found in a valid shard)."""
+    ``progress(n)`` is told each time n more prompts are done (generated, or found in a valid shard). A ``stop``
+    request ends the run at the next batch boundary with :class:`StoppedBySignal`: finished shards are on disk and
+    a rerun keeps them."""
     from comat_lightning.prepare_entities import write_jsonl_atomically
 
     output.mkdir(parents=True, exist_ok=True)
@@ -181,7 +191,13 @@ def write_real_latents(
         index.unlink(missing_ok=True)  # the index never names a shard that is being replaced
         started = time.monotonic()
         seeds = [latent_seed(seed, i) for i in range(span.start, span.stop)]
-        latents = generate_latents(module, prompts[span], seeds, batch_size, forward_context, progress)
+        try:
+            latents = generate_latents(module, prompts[span], seeds, batch_size, forward_context, progress, stop)
+        except StoppedBySignal as stopped:
+            done = sum(1 for s in shards if s.number < shard.number)
+            stopped.message = (f"{stopped.message} during {shard.name}: shards before it ({done} of {len(shards)}) are "
+                               "complete; rerun the same command to continue")  # fmt: skip
+            raise
         write_shard(path, latents, metadata)
         counts["generated" if reason == "missing" else "regenerated"] += 1
         done = f"generated in {time.monotonic() - started:.1f} s"
@@ -232,6 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cli.error(f"--config {args.config} is not a file")
 
     # Imported after argument parsing: they pull in torch, Lightning and diffusers, which `--help` does not need.
+    from comat_lightning.errors import InputError
+    from comat_lightning.input_checks import check_model_inputs
     from datamodules.prompts import read_prompt_file
 
     started = time.monotonic()
@@ -239,9 +257,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         module, trainer, datamodule = build_module(args.config)
         precision = str(trainer.precision)
         if precision not in _PRECISIONS:
-            raise ValueError(f"trainer.precision={precision} in {args.config}: real latents are sampled in {', '.join(_PRECISIONS)}")
+            raise InputError(f"trainer.precision={precision} in {args.config}: real latents are sampled in {', '.join(_PRECISIONS)}")
+        check_model_inputs(module, "predict")  # the base model alone samples: its paths and resolution
         prompts_file = args.prompts or Path(datamodule.train_file)
-        records = read_prompt_file(prompts_file)
+        records = read_prompt_file(prompts_file, "--prompts" if args.prompts else "data.train_file")
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -261,18 +280,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(records), unit="prompt", desc="real latents", dynamic_ncols=True)
-    counts = write_real_latents(
-        module,
-        records,
-        args.output,
-        shard_size=args.shard_size,
-        batch_size=batch_size,
-        seed=args.seed,
-        context=context,
-        forward_context=trainer.precision_plugin.forward_context,
-        log=bar.write,  # lines above the bar, not through it
-        progress=bar.update,
-    )
+    try:
+        with StopRequest(what="sampling") as stop:  # SIGTERM/SIGINT: stop at the next batch, keep finished shards
+            counts = write_real_latents(
+                module,
+                records,
+                args.output,
+                shard_size=args.shard_size,
+                batch_size=batch_size,
+                seed=args.seed,
+                context=context,
+                forward_context=trainer.precision_plugin.forward_context,
+                log=bar.write,  # lines above the bar, not through it
+                progress=bar.update,
+                stop=stop,
+            )
+    except StoppedBySignal as stopped:
+        bar.close()
+        print(stopped.message, file=sys.stderr, flush=True)
+        return stopped.code
     bar.close()
     print(
         f"{len(records)} prompts -> {counts['generated'] + counts['regenerated'] + counts['kept']} shards in {args.output} "

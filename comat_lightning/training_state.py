@@ -46,7 +46,8 @@ def restore_rng_states(states: Optional[dict[str, Any]]) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file in the checkpoint's folder, fsync, then ``os.replace``: the checkpoint
-    path holds either the previous complete file or the new complete file, never a partial one."""
+    path holds either the previous complete file or the new complete file, never a partial one. Loads with
+    ``torch.load(weights_only=True)`` only."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
@@ -57,6 +58,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as tmp:
             torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # A checkpoint is a file from disk like any other input: tensors and plain values only, never arbitrary
+        # pickled objects (which run code when unpickled), whatever the caller asked for.
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 def use_atomic_checkpoint_io(trainer) -> None:
@@ -84,6 +90,7 @@ class CheckpointState:
             "model_source": self.model_source,
             "finetune": self.finetune,
             "rng": capture_rng_states(),
+            "nonfinite": self.nonfinite.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -96,4 +103,5 @@ class CheckpointState:
             )
         state = checkpoint.get("comat", {})
         self.generator_step = int(state.get("generator_step", 0))
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
         restore_rng_states(state.get("rng"))

@@ -70,3 +70,18 @@ def run_cli(args: list[str], run: bool = True):
 
 def instantiate_cli(args: list[str]):
     return run_cli(args, run=False)
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar under ``log_dir`` (all event files, recursively): tag -> [(step, value), ...]."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list] = {}
+    for events in sorted(glob.glob(str(log_dir / "**" / "events.out.tfevents.*"), recursive=True)):
+        acc = EventAccumulator(events)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out

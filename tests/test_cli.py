@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, instantiate_cli, run_cli
+from conftest import REPO, instantiate_cli, run_cli, tensorboard_scalars as _scalars
 
 CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
 
@@ -104,18 +103,6 @@ def test_published_configs_carry_the_published_hyperparameters(name, lr, batch, 
     assert fidelity["betas"] == [0.0, 0.999] and fidelity["grad_clip"] == 1.0
 
 
-def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list] = {}
-    for events in sorted(glob.glob(str(log_dir / "**" / "events.out.tfevents.*"), recursive=True)):
-        acc = EventAccumulator(events)
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
-
-
 def _train_py(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "demo.yaml"), *args]
@@ -190,27 +177,3 @@ def test_bad_option_values_are_refused_with_the_option_name(tmp_path, monkeypatc
 
 def _instantiate_with(extra: list[str]):
     return instantiate_cli(["--config", str(REPO / "configs" / "demo.yaml"), "--trainer.logger=false", *extra])
-
-
-def test_resume_mid_run_continues_exactly(tmp_path):
-    """4 generator steps in one process == 2 steps, stop, then `--ckpt_path last` to 4 in a fresh process: same
-    generator LoRA, discriminator LoRA + head, optimizer states and step counter (all three losses, CPU)."""
-    finals = {}
-    for name, runs in {"straight": [4], "resumed": [2, 4]}.items():
-        workdir = tmp_path / name
-        workdir.mkdir()
-        (workdir / "data").symlink_to(REPO / "data")
-        for i, steps in enumerate(runs):
-            resume = ["--ckpt_path=last"] if i else []
-            _train_py(workdir, f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", *resume)
-        finals[name] = torch.load(workdir / "runs" / "demo" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    straight, resumed = finals["straight"], finals["resumed"]
-    assert straight["comat"]["generator_step"] == resumed["comat"]["generator_step"] == 4
-    keys = straight["state_dict"].keys()
-    assert keys == resumed["state_dict"].keys()
-    assert any(".discriminator." in k for k in keys) and any("head" in k for k in keys) and any(".default." in k for k in keys)
-    for key in keys:
-        assert torch.equal(straight["state_dict"][key], resumed["state_dict"][key]), key
-    for a, b in zip(straight["optimizer_states"], resumed["optimizer_states"]):  # generator and discriminator AdamW
-        for state_a, state_b in zip(a["state"].values(), b["state"].values()):
-            assert all(torch.equal(state_a[k], state_b[k]) for k in ("exp_avg", "exp_avg_sq"))

@@ -111,29 +111,37 @@ def test_all_three_losses_alternate_generator_and_discriminator_steps(tiny_paths
     from datamodules.prompts import PromptDataModule
 
     class PhaseWatcher(Callback):
-        """Snapshots both parameter groups around every optimizer step (torch's step hooks)."""
+        """Snapshots both parameter groups around every optimizer step (torch's step hooks), and their gradients
+        after each backward: the generator's backward runs first, then the discriminator's, then both steps."""
 
         def __init__(self):
-            self.events = []
+            self.events, self.backwards = [], []
 
         def on_train_start(self, trainer, pl_module):
             generator_opt, critic_opt = trainer.optimizers
-            groups = {"generator": _params(generator_opt), "discriminator": _params(critic_opt)}
+            self.groups = {"generator": _params(generator_opt), "discriminator": _params(critic_opt)}
             for phase, opt in (("generator", generator_opt), ("discriminator", critic_opt)):
-                opt.register_step_pre_hook(lambda o, a, k, phase=phase: self._before(phase, groups))
-                opt.register_step_post_hook(lambda o, a, k, phase=phase: self._after(phase, groups))
+                opt.register_step_pre_hook(lambda o, a, k, phase=phase: self._before(phase))
+                opt.register_step_post_hook(lambda o, a, k, phase=phase: self._after(phase))
 
-        def _before(self, phase, groups):
-            self.snapshot = {name: [p.detach().clone() for p in params] for name, params in groups.items()}
-            other = "discriminator" if phase == "generator" else "generator"
-            self.leaked = any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups[other])
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.backwards.append(("before", self._gradients()))
 
-        def _after(self, phase, groups):
+        def on_after_backward(self, trainer, pl_module):
+            self.backwards.append(("after", self._gradients()))
+
+        def _gradients(self):
+            return {name: [None if p.grad is None else p.grad.clone() for p in params] for name, params in self.groups.items()}
+
+        def _before(self, phase):
+            self.snapshot = {name: [p.detach().clone() for p in params] for name, params in self.groups.items()}
+
+        def _after(self, phase):
             changed = {
                 name: any(not torch.equal(before, p) for before, p in zip(self.snapshot[name], params))
-                for name, params in groups.items()
+                for name, params in self.groups.items()
             }
-            self.events.append((phase, changed, self.leaked))
+            self.events.append((phase, changed))
 
     watcher = PhaseWatcher()
     losses = [
@@ -156,11 +164,21 @@ def test_all_three_losses_alternate_generator_and_discriminator_steps(tiny_paths
     trainer.fit(module, data)
 
     assert module.generator_step == 3 and trainer.global_step == 3  # max_steps counts generator steps
-    assert [phase for phase, _, _ in watcher.events] == ["generator", "discriminator"] * 3
-    for phase, changed, leaked in watcher.events:
+    assert [phase for phase, _ in watcher.events] == ["generator", "discriminator"] * 3
+    for phase, changed in watcher.events:
         other = "discriminator" if phase == "generator" else "generator"
         assert changed[phase] and not changed[other], (phase, changed)
-        assert not leaked, f"{other} had gradient at the {phase} step"
+    # Per step: before/after the generator's backward, then before/after the discriminator's.
+    assert [when for when, _ in watcher.backwards] == ["before", "after"] * 6
+    grads = [g for _, g in watcher.backwards]
+    for _, after_generator, before_discriminator, after_discriminator in zip(*(grads[i::4] for i in range(4))):
+        # No gradient leaks across: the generator's loss leaves the discriminator without gradient, and the
+        # discriminator's backward leaves the generator's (clipped) gradient exactly as it was.
+        assert all(g is None or not g.any() for g in after_generator["discriminator"])
+        assert any(g is not None and g.any() for g in after_generator["generator"])
+        pairs = zip(before_discriminator["generator"], after_discriminator["generator"])
+        assert all(a is b or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs)
+        assert any(g is not None and g.any() for g in after_discriminator["discriminator"])
     metrics = trainer.logged_metrics
     for name in ("concept_matching", "attribute_concentration", "fidelity_preservation", "fidelity_preservation/discriminator"):
         assert torch.isfinite(metrics[f"train/{name}"]), name

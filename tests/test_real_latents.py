@@ -316,3 +316,36 @@ def test_command_works_for_sdxl(tmp_path, tiny_paths):
     latents = _by_prompt(tmp_path / "out")
     assert [tuple(v.shape) for v in latents.values()] == [(4, 8, 8)] * 3
     assert _close(latents["a blue bus and a green apple"], _alone(module, "a blue bus and a green apple", seed=2_000_008))
+
+
+def test_sigterm_stops_at_the_next_batch_and_the_rerun_completes(command, monkeypatch):
+    """A SIGTERM as shard 1 starts: the command exits 143 with shard 0 on disk and no index;
+    the rerun keeps shard 0 and ends with exactly the uninterrupted files."""
+    import os
+    import signal
+
+    from comat_lightning import real_latents
+
+    out = command.folder / "signalled"
+    generate = real_latents.generate_latents
+    calls = []
+
+    def generate_then_signal(module, prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        if len(calls) == 2:  # the signal arrives as shard 1 starts: it stops at its first batch boundary
+            os.kill(os.getpid(), signal.SIGTERM)
+        return generate(module, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(real_latents, "generate_latents", generate_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    assert command.run(out, "--batch-size", "1") == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.safetensors"]  # shard 1 stopped unwritten, no index
+    kept = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    calls.clear()
+    monkeypatch.setattr(real_latents, "generate_latents", generate)
+    assert command.run(out, "--batch-size", "1") == 0
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == kept
+    expected = _shard_latents(command.out)
+    assert all(_close(v, expected[k]) for k, v in _shard_latents(out).items()) and _shard_latents(out).keys() == expected.keys()
+    assert (out / "real_latents.jsonl").read_text() == (command.out / "real_latents.jsonl").read_text()
