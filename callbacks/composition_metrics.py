@@ -67,11 +67,12 @@ class CompositionMetrics(Callback):
 
     # ------------------------------------------------------------------------------------------ set-up
 
-    def attention_layers(self, pl_module) -> Optional[LayerSelection]:
-        """The layers whose step-averaged maps the module must hand over (None: no maps needed)."""
+    def attention_layers(self, pl_module, latent_size: Optional[int] = None) -> Optional[LayerSelection]:
+        """The layers whose step-averaged maps the module must hand over (None: no maps needed); ``latent_size``
+        as for ``pl_module.guidance_selection`` (given before the models load)."""
         if not self.concept_overlap:
             return None
-        default = pl_module.guidance_selection()
+        default = pl_module.guidance_selection(latent_size)
         blocks = tuple(self.attention_blocks) if self.attention_blocks else default.blocks
         resolutions = (self.attention_resolution,) if self.attention_resolution else default.resolutions
         return LayerSelection(blocks, resolutions)

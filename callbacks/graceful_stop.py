@@ -18,10 +18,12 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import Optional
 
 from lightning.pytorch import Callback
 
 from comat_lightning.checkpoint_files import checkpoint_folders, remove_stale_temporaries, stop_checkpoint_path
+from comat_lightning.errors import InputError
 from comat_lightning.nonfinite import NonFiniteLimitReached
 from comat_lightning.stop_signals import DEFAULT_SIGNALS, StoppedBySignal, StopRequest
 
@@ -34,7 +36,7 @@ class GracefulStop(Callback):
     def __init__(self, signals: list[str] = list(DEFAULT_SIGNALS)):  # noqa: B006 (read-only)
         unknown = [name for name in signals if not isinstance(getattr(signal, str(name), None), signal.Signals)]
         if unknown or not signals:
-            raise ValueError(f"GracefulStop(signals={signals}): expected signal names such as SIGTERM, SIGINT, SIGUSR1")
+            raise InputError(f"GracefulStop(signals={signals}): expected signal names such as SIGTERM, SIGINT, SIGUSR1")
         self.signals = tuple(signals)
         self._request = StopRequest(self.signals)
 
@@ -72,12 +74,8 @@ class GracefulStop(Callback):
             logger.save()
         if give_up:
             raise NonFiniteLimitReached(f"{give_up}\ncheckpoint: {path} (resume with --ckpt_path last)")
-        signum = self._request.received or signal.SIGTERM  # another rank received it
-        message = (f"{signal.Signals(signum).name}: stopped after generator step {getattr(pl_module, 'generator_step', trainer.global_step)}; "
-                   f"checkpoint {path}; resume with --ckpt_path last")  # fmt: skip
-        if trainer.is_global_zero:
-            print(message, file=sys.stderr, flush=True)
-        raise StoppedBySignal(signum, message, str(path))
+        step = getattr(pl_module, "generator_step", trainer.global_step)
+        self._stop(trainer, f"stopped after generator step {step}; checkpoint {path}; resume with --ckpt_path last", path)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._request.restore()
@@ -92,11 +90,14 @@ class GracefulStop(Callback):
         # Runs after the image writer (model callbacks come after the configured ones), so this batch is on disk.
         if not trainer.strategy.reduce_boolean_decision(self._request.requested, all=False):
             return
-        signum = self._request.received or signal.SIGTERM
-        message = f"{signal.Signals(signum).name}: prediction stopped after batch {batch_idx}; rerun the same command to continue"
+        self._stop(trainer, f"prediction stopped after batch {batch_idx}; rerun the same command to continue")
+
+    def _stop(self, trainer, what: str, checkpoint: Optional[Path] = None) -> None:
+        signum = self._request.received or signal.SIGTERM  # None here: another rank received it
+        message = f"{signal.Signals(signum).name}: {what}"
         if trainer.is_global_zero:
             print(message, file=sys.stderr, flush=True)
-        raise StoppedBySignal(signum, message)
+        raise StoppedBySignal(signum, message, None if checkpoint is None else str(checkpoint))
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._request.restore()

@@ -8,14 +8,13 @@ takes the newest checkpoint that loads, with a warning for each one it passes ov
 
 from __future__ import annotations
 
-import os
-import re
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
+from comat_lightning.atomic_files import stale_temporaries
+
 LAST_NAME = "last.ckpt"  # Lightning's ModelCheckpoint.CHECKPOINT_NAME_LAST + FILE_EXTENSION
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")  # comat_lightning.atomic_files: .<name>.tmp-<pid>
 
 
 def checkpoint_folders(trainer) -> list[Path]:
@@ -72,26 +71,10 @@ def resume_path(folders: Iterable[Path]) -> Optional[Path]:
 
 def remove_stale_temporaries(folders: Iterable[Path]) -> list[Path]:
     """Delete the temporary files of checkpoint writes whose process is gone (killed mid-write); return them."""
-    removed = []
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            match = _TEMPORARY.match(path.name)
-            if match and not _process_alive(int(match.group(1))):
-                path.unlink(missing_ok=True)
-                removed.append(path)
+    removed = [path for folder in folders for path in stale_temporaries(folder)]
+    for path in removed:
+        path.unlink(missing_ok=True)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 __all__ = ["checkpoint_folders", "remove_stale_temporaries", "resume_path", "stop_checkpoint_path", "unreadable_reason"]

@@ -132,16 +132,14 @@ def _attention_requests(module: CoMatModule, stage: str, latent_size: int) -> li
         for loss in module.losses
         if loss.needs.attention is not None
     ]
-    chosen = module.guidance_layers  # the module's default: a quarter of the latent size (16 at 512 px for SD1.5)
-    guidance = LayerSelection(chosen.blocks, chosen.resolutions or (max(latent_size // 4, 1),))
     if module.guidance is not None:
-        requests.append(("model.guidance_blocks / model.guidance_resolution", guidance))
+        requests.append(("model.guidance_blocks / model.guidance_resolution", module.guidance_selection(latent_size)))
     trainer = module._trainer
     for callback in trainer.callbacks if trainer is not None else []:
-        if isinstance(callback, CompositionMetrics) and callback.concept_overlap and stage in ("fit", "validate", "test"):
-            blocks = tuple(callback.attention_blocks) if callback.attention_blocks else guidance.blocks
-            resolutions = (callback.attention_resolution,) if callback.attention_resolution else guidance.resolutions
-            requests.append(("CompositionMetrics.attention_blocks / attention_resolution", LayerSelection(blocks, resolutions)))
+        if isinstance(callback, CompositionMetrics) and stage in ("fit", "validate", "test"):
+            selection = callback.attention_layers(module, latent_size)  # None without concept overlap
+            if selection is not None:
+                requests.append(("CompositionMetrics.attention_blocks / attention_resolution", selection))
         if isinstance(callback, AttentionMapLogger) and stage == "fit":
             requests.append((f"{type(callback).__name__}.blocks / resolutions", callback.layers))
     return requests

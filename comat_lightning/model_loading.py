@@ -10,6 +10,7 @@ sharding under ``ModelParallelStrategy``.
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 
@@ -95,10 +96,13 @@ class ModelLoading:
         layers = {layer.name: layer for sel in selections for layer in select_layers(self.backbone.unet, sel, latent_size)}
         install_capture(self.backbone.unet, list(layers.values()), self.attention_store)
 
-    def guidance_selection(self) -> LayerSelection:
+    def guidance_selection(self, latent_size: Optional[int] = None) -> LayerSelection:
+        """The layers guidance reads. Default resolution: a quarter of the latent size (16 at 512 px for SD1.5).
+        ``latent_size`` is given by the start-up checks, before the VAE is loaded; else it is the loaded VAE's."""
         layers = self.guidance_layers
-        if layers.resolutions is None:  # default: a quarter of the latent size (16 at 512 px for SD1.5)
-            layers = LayerSelection(layers.blocks, (self.sampler.resolution // self.backbone.vae_scale_factor // 4,))
+        if layers.resolutions is None:
+            latent = latent_size if latent_size is not None else self.sampler.resolution // self.backbone.vae_scale_factor
+            layers = LayerSelection(layers.blocks, (max(latent // 4, 1),))
         return layers
 
     def train(self, mode: bool = True):

@@ -215,7 +215,7 @@ class CoMatModule(CheckpointState, ModelLoading, RolloutSampling, LightningModul
         #    its own weights, so computing its gradient before the generator's update changes nothing.
         if critic_optimizer is not None and not self.nonfinite.skipping:
             with self.toggled_optimizer(critic_optimizer):
-                logs.update(self._discriminator_backward(generated, critic_optimizer))
+                logs.update(self._discriminator_backward(generated, critic_optimizer, critic_schedule))
         # 6. Both updates, or neither: a NaN/inf anywhere skips the step (comat_lightning/nonfinite.py).
         apply, warning = self.nonfinite.finish_step(self.generator_step)
         if apply:
@@ -265,11 +265,7 @@ class CoMatModule(CheckpointState, ModelLoading, RolloutSampling, LightningModul
         optimizer.zero_grad(set_to_none=True)
         grad_norm = torch.zeros(())
         if self.nonfinite.check(terms) and loss.requires_grad:
-            self.manual_backward(loss)
-            grad_norm = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
-            clip = self.optimizer_config.grad_clip
-            if self.nonfinite.check({"generator gradient": grad_norm}) and clip is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            grad_norm = self._backward_clipped(loss, optimizer, self.optimizer_config.grad_clip, "generator gradient")
         logs = {"loss": loss.detach(), **{name: value.detach() for name, value in {**terms, **extras}.items()}}
         # Each term's share of the total: which loss drives the update (0 when the total is 0).
         total = loss.detach()
@@ -279,18 +275,25 @@ class CoMatModule(CheckpointState, ModelLoading, RolloutSampling, LightningModul
             logs.update({f"{term.name}/{k}": v for k, v in term.gradient_logs().items()})
         return loss.detach(), generated, logs
 
-    def _discriminator_backward(self, generated: GeneratedBatch, optimizer) -> dict[str, torch.Tensor]:
+    def _discriminator_backward(self, generated: GeneratedBatch, optimizer, lr_schedule) -> dict[str, torch.Tensor]:
         adversary = self.adversary
         prefix = f"{adversary.name}/discriminator"
         loss, extras = adversary.discriminator_loss(self, generated)
         optimizer.zero_grad(set_to_none=True)
         if self.nonfinite.check({f"{prefix} loss": loss}):
-            self.manual_backward(loss)
-            extras["grad_norm"] = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
-            if self.nonfinite.check({f"{prefix} gradient": extras["grad_norm"]}) and adversary.grad_clip is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=adversary.grad_clip, gradient_clip_algorithm="norm")
-        extras["lr"] = torch.tensor(self.lr_schedulers()[1].get_last_lr()[0])
+            extras["grad_norm"] = self._backward_clipped(loss, optimizer, adversary.grad_clip, f"{prefix} gradient")
+        extras["lr"] = torch.tensor(lr_schedule.get_last_lr()[0])
         return {prefix: loss.detach(), **{f"{prefix}_{k}": v.detach() for k, v in extras.items()}}
+
+    def _backward_clipped(self, loss: torch.Tensor, optimizer, clip: Optional[float], name: str) -> torch.Tensor:
+        """Back-propagate ``loss`` into ``optimizer``'s weights and clip their gradient norm to ``clip`` (None: no
+        clipping) unless it is non-finite (recorded as ``name``: the update will be skipped). Returns the norm
+        before clipping."""
+        self.manual_backward(loss)
+        norm = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
+        if self.nonfinite.check({name: norm}) and clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        return norm
 
     def _any_rank(self, flag: bool) -> bool:
         return self.trainer.strategy.reduce_boolean_decision(flag, all=False) if self._trainer is not None else flag
