@@ -14,7 +14,7 @@ import yaml
 
 from conftest import REPO, instantiate_cli, run_cli, tensorboard_scalars as _scalars
 
-CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("**/*.yaml")) + sorted((REPO / "benchmarks" / "shapes" / "configs").glob("*.yaml"))
 
 
 def test_configs_exist():
@@ -33,7 +33,7 @@ def test_demo_ablations_differ_from_the_demo_only_by_the_removed_callback_lines(
     assert len(removed) == 1 and removed[0]["class_path"] == f"callbacks.{loss}"
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
 def test_every_shipped_config_instantiates_without_loading_models(config, monkeypatch):
     from callbacks import LossCallback
     from comat_lightning.diffusion_model import DiffusionBackbone
