@@ -134,6 +134,7 @@ def test_a_corner_concentrated_map_is_brightest_in_that_corner_of_the_logged_ima
     tile = 64
     trainer = Trainer(logger=TensorBoardLogger(tmp_path, name="run"), accelerator="cpu", enable_progress_bar=False)
     AttentionMapLogger(prompts=["a cat"]).write(trainer, "attention/0_a_cat", attention_grid(image, maps, ["cat", "dog"], tile=tile), step=3)
+    trainer.logger.experiment.flush()  # SummaryWriter writes from a background thread: without this, a race
     (event,) = _events(Path(trainer.logger.log_dir)).Images("attention/0_a_cat")
     assert event.step == 3
     logged = _png(event)  # (H, W, 3)
