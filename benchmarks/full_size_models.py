@@ -42,9 +42,9 @@ def build_sd15(folder: Path) -> None:
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from comat_lightning.tiny_zoo import _SD_SCHEDULER, _clip_tokenizer
+    from comat_lightning.tiny_zoo import _SD_SCHEDULER, clip_tokenizer
 
-    tokenizer = _clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
+    tokenizer = clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # defaults = SD 1.x
     text_encoder = CLIPTextModel(_clip_text(768, 12, 12, 3072, 768, tokenizer))  # CLIP ViT-L/14's text tower
     pipe = StableDiffusionPipeline(unet=unet, vae=_sd_vae(0.18215), text_encoder=text_encoder, tokenizer=tokenizer,
@@ -57,10 +57,10 @@ def build_sdxl(folder: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from comat_lightning.tiny_zoo import _SDXL_SCHEDULER, _clip_tokenizer
+    from comat_lightning.tiny_zoo import _SDXL_SCHEDULER, clip_tokenizer
 
-    tokenizer = _clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
-    tokenizer_2 = _clip_tokenizer(folder / "tokenizer_2", pad_token="!")
+    tokenizer = clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
+    tokenizer_2 = clip_tokenizer(folder / "tokenizer_2", pad_token="!")
     unet = UNet2DConditionModel(
         sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -79,13 +79,11 @@ def build_sdxl(folder: Path) -> None:
 
 def build_blip_large(folder: Path) -> None:
     """Salesforce/blip-image-captioning-large: ViT-L/16 at 384 px, BERT-base text decoder with cross-attention."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    from comat_lightning.tiny_zoo import _bert_vocab
+    from comat_lightning.tiny_zoo import bert_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(_bert_vocab()) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]", model_max_length=512)
+    tokenizer = bert_tokenizer(folder)
     config = BlipConfig(
         vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                            image_size=384, patch_size=16),

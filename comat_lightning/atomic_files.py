@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -27,6 +29,23 @@ def atomic_write(path: str | os.PathLike, tmp_suffix: Optional[str] = None) -> I
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty folder next to ``path`` (``.<name>-<random>``) for the caller to fill; on success it
+    takes the name ``path`` (a folder already there is removed first), on failure it is removed. A half-written
+    folder is never visible under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
@@ -53,4 +72,4 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes, tmp_suffix: Opt
         tmp.write_bytes(data)
 
 
-__all__ = ["atomic_write", "stale_temporaries", "write_bytes_atomically"]
+__all__ = ["atomic_folder", "atomic_write", "stale_temporaries", "write_bytes_atomically"]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
+from comat_lightning.atomic_files import atomic_folder
 from comat_lightning.errors import InputError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default name, found by load_lora_weights
@@ -30,17 +29,10 @@ def save_unet_lora(unet, family: str, folder: str | os.PathLike, adapter_name: s
         return None
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
     pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         pipeline_cls.save_lora_weights(
             tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(), weight_name=WEIGHT_NAME
         )
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

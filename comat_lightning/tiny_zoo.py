@@ -158,14 +158,25 @@ def write_clip_bpe(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def _clip_tokenizer(folder: Path, pad_token: str):
+def clip_tokenizer(folder: Path, pad_token: str, model_max_length: int = 77):
+    """The hand-made CLIP BPE tokenizer, saved to ``folder`` (SD pads to ``model_max_length``: 77 in CLIP)."""
     from transformers import CLIPTokenizer
 
     vocab_file, merges_file = write_clip_bpe(folder / "_bpe")
-    tok = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77, pad_token=pad_token)
+    tok = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=model_max_length, pad_token=pad_token)
     tok.save_pretrained(folder)
     shutil.rmtree(folder / "_bpe")
     return tok
+
+
+def bert_tokenizer(folder: Path):
+    """A BERT WordPiece tokenizer with BLIP's ``[DEC]`` start token; its vocab.txt is written to ``folder``."""
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_file = folder / "vocab.txt"
+    vocab_file.write_text("\n".join(_bert_vocab()) + "\n")
+    return BertTokenizer(str(vocab_file), bos_token="[DEC]", model_max_length=512)
 
 
 def _bert_vocab() -> list[str]:
@@ -183,16 +194,17 @@ def _bert_vocab() -> list[str]:
 # ------------------------------------------------------------------------------------------------- builders
 
 
-def _text_encoder_config(vocab_size: int, tok, projection_dim: int = 32):
+def text_encoder_config(vocab_size: int, tok, projection_dim: int = 32, hidden_size: int = 32, max_position_embeddings: int = 77):
+    """A 2-layer, 4-head CLIP text tower (MLP 2x wide) with ``tok``'s special token ids."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=77,
+        max_position_embeddings=max_position_embeddings,
         projection_dim=projection_dim,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -245,7 +257,7 @@ def _build_sd(folder: Path) -> None:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    tokenizer = _clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
+    tokenizer = clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
     unet = _tiny_unet(
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -253,7 +265,7 @@ def _build_sd(folder: Path) -> None:
         attention_head_dim=8,
     )
     vae = _seeded(1, _tiny_vae)
-    text_encoder = _seeded(2, CLIPTextModel, _text_encoder_config(len(tokenizer), tokenizer))
+    text_encoder = _seeded(2, CLIPTextModel, text_encoder_config(len(tokenizer), tokenizer))
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -271,8 +283,8 @@ def _build_sdxl(folder: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizer = _clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
-    tokenizer_2 = _clip_tokenizer(folder / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
+    tokenizer = clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
+    tokenizer_2 = clip_tokenizer(folder / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
     unet = _tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -285,8 +297,8 @@ def _build_sdxl(folder: Path) -> None:
         projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled projection 32
     )
     vae = _seeded(1, _tiny_vae)
-    text_encoder = _seeded(2, CLIPTextModel, _text_encoder_config(len(tokenizer), tokenizer))
-    text_encoder_2 = _seeded(3, CLIPTextModelWithProjection, _text_encoder_config(len(tokenizer_2), tokenizer_2))
+    text_encoder = _seeded(2, CLIPTextModel, text_encoder_config(len(tokenizer), tokenizer))
+    text_encoder_2 = _seeded(3, CLIPTextModelWithProjection, text_encoder_config(len(tokenizer_2), tokenizer_2))
     pipe = StableDiffusionXLPipeline(
         unet=unet,
         vae=vae,
@@ -300,12 +312,9 @@ def _build_sdxl(folder: Path) -> None:
 
 
 def _build_blip(folder: Path) -> None:
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(_bert_vocab()) + "\n")
-    tokenizer = BertTokenizer(str(vocab_file), bos_token="[DEC]", model_max_length=512)
+    tokenizer = bert_tokenizer(folder)
     config = BlipConfig(
         vision_config=dict(
             hidden_size=32,
@@ -347,9 +356,9 @@ def _build_clip(folder: Path) -> None:
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tokenizer = _clip_tokenizer(folder, pad_token="<|endoftext|>")
+    tokenizer = clip_tokenizer(folder, pad_token="<|endoftext|>")
     config = CLIPConfig(
-        text_config=_text_encoder_config(len(tokenizer), tokenizer, projection_dim=16).to_dict(),
+        text_config=text_encoder_config(len(tokenizer), tokenizer, projection_dim=16).to_dict(),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
         projection_dim=16,
     )

@@ -1,7 +1,7 @@
 """The shapes-world benchmark, one command: base vs Attend-and-Excite vs A-STAR vs CoMat (three loss sets) vs
 CoMat + A-STAR on held-out compositions, several seeds, judged exactly by pixels; writes RESULTS.md.
 
-    .venv/bin/python benchmarks/shapes/run.py                 # ~30 min on 2 CPU cores with the committed models
+    .venv/bin/python benchmarks/shapes/run.py                 # ~27 min on 2 CPU cores with the committed models
     .venv/bin/python benchmarks/shapes/run.py --split val     # the same on the val prompts (for choosing settings)
 
 Every model run goes through the framework's own entry point: ``train.py fit --config
@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 import world  # noqa: E402
+from comat_lightning.atomic_files import write_bytes_atomically  # noqa: E402
 from judge import judge_image, summarise  # noqa: E402
 
 PYTHON = sys.executable
@@ -84,17 +85,13 @@ def evaluation_records(split: str, seed_set: int, images_per_order: int = 2) -> 
     records = []
     for p, pair in enumerate(world.composition_splits()[split]):
         for order in (pair, pair[::-1]):
+            things = [world.Thing(colour, shape, 0, 0, 1) for colour, shape in order]  # no layout at test time
             for j in range(images_per_order):
-                things = [world.Thing(colour, shape, 0, 0, 1) for colour, shape in order]
-                record = world.prompt_record(things, seed=1_000_000 * seed_set + 1000 * p + 10 * (order is pair) + j)
-                record.pop("masks")  # no layout at test time
-                records.append(record)
+                records.append(world.prompt_record(things, seed=1_000_000 * seed_set + 1000 * p + 10 * (order is pair) + j, layout=False))
     return records
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
-    from comat_lightning.atomic_files import write_bytes_atomically
-
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r) + "\n" for r in records).encode()
     if not path.exists() or path.read_bytes() != text:
@@ -134,11 +131,19 @@ class Jobs:
         if code != 0:
             tail = log.read_text().splitlines()[-30:]
             raise RuntimeError(f"{name} failed with exit status {code} (log: {log}):\n" + "\n".join(tail))
-        with self.lock:
+        with self.lock:  # atomically: a benchmark killed mid-write must still resume
             self.times[name] = seconds
-            self.times_file.write_text(json.dumps(self.times, indent=2))
+            write_bytes_atomically(self.times_file, json.dumps(self.times, indent=2).encode())
         print(f"[done] {name} in {seconds:.0f} s", flush=True)
         return seconds
+
+
+def fit_job(config: str, seed: int) -> str:
+    return f"fit-{config}-seed{seed}"
+
+
+def sample_job(tag: str, method: Method, seed: int) -> str:
+    return f"sample-{tag}-{slug(method.name)}-seed{seed}"
 
 
 def shown(path: Path) -> str:
@@ -209,7 +214,7 @@ def fmt(mean: float, half: float, percent: bool = True) -> str:
     return f"{mean:.2f} ± {half:.2f}"
 
 
-def write_results(path: Path, table: dict, args, times: dict, commands: list[str], elapsed: float, training: dict) -> None:
+def write_results(path: Path, table: dict, args, commands: list[str], elapsed: float, training: dict) -> None:
     seeds = args.seeds
     lines = [
         "# Shapes world: CoMat and A-STAR on held-out compositions",
@@ -242,8 +247,6 @@ def write_results(path: Path, table: dict, args, times: dict, commands: list[str
         lines.append(f"- `{stage}`: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
     lines += ["", "## Commands", "", "Every model run, as run (job configs are `configs/sample.yaml` with the job's prompts, output, guidance and LoRA):", "", "```"]
     lines += commands + ["```", ""]
-    from comat_lightning.atomic_files import write_bytes_atomically
-
     write_bytes_atomically(path, "\n".join(lines).encode())
 
 
@@ -294,13 +297,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     work = args.work.resolve() / tag
     jobs = Jobs(args.work.resolve(), args.workers)  # logs and wall times of fits (shared by splits) and samples
     methods = [m for m in METHODS if args.methods is None or m.name in args.methods]
-    prompts = {s: write_jsonl(work / "prompts" / f"seed{s}.jsonl", evaluation_records(args.split, s, args.images_per_order)) for s in args.seeds}
+    records = {s: evaluation_records(args.split, s, args.images_per_order) for s in args.seeds}
+    prompts = {s: write_jsonl(work / "prompts" / f"seed{s}.jsonl", records[s]) for s in args.seeds}
     commands, fits, samples = [], {}, {}
     for config in sorted({m.fit for m in methods if m.fit}):
         for seed in args.seeds:
             command, lora = fit_command(config, seed, args.work.resolve() / "fits", args.fit_override, args.configs.resolve())  # fine-tunes do not depend on the split
             commands.append(shlex.join(command[1:]))
-            fits[config, seed] = (lora, None if lora.exists() else jobs.pool.submit(jobs.run, f"fit-{config}-seed{seed}", command))
+            fits[config, seed] = (lora, None if lora.exists() else jobs.pool.submit(jobs.run, fit_job(config, seed), command))
     for method in sorted(methods, key=lambda m: m.fit is not None):  # sampling that needs no fine-tune first
         for seed in args.seeds:
             lora, fit = fits.get((method.fit, seed), (None, None))
@@ -309,11 +313,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             command = [PYTHON, "train.py", "predict", "--config", shown(config), "--return_predictions", "false"]
             commands.append(shlex.join(command[1:]))
 
-            def sample(fit=fit, name=f"sample-{tag}-{slug(method.name)}-seed{seed}", command=command, job_dir=job_dir, seed=seed):
+            def sample(fit=fit, name=sample_job(tag, method, seed), command=command, job_dir=job_dir, seed=seed):
                 if fit is not None:
                     fit.result()  # its LoRA must exist
                 manifest = job_dir / "images" / "manifest.jsonl"
-                if manifest.exists() and len(manifest.read_text().splitlines()) == len(prompts[seed].read_text().splitlines()):
+                if manifest.exists() and len(manifest.read_text().splitlines()) == len(records[seed]):
                     return None  # finished by an earlier run (its wall time is in times.json)
                 return jobs.run(name, command)
 
@@ -325,16 +329,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         for seed in args.seeds:
             job_dir, future = samples[method.name, seed]
             future.result()
-            records = [json.loads(line) for line in prompts[seed].read_text().splitlines()]
-            summary = judge_folder(job_dir / "images", records)
+            summary = judge_folder(job_dir / "images", records[seed])
             for key, _ in METRICS:
                 per_seed[key].append(summary[key])
-            sampling_seconds += jobs.times.get(f"sample-{tag}-{slug(method.name)}-seed{seed}", float("nan"))
-        fit_seconds = [jobs.times.get(f"fit-{method.fit}-seed{s}", float("nan")) for s in args.seeds] if method.fit else None
+            sampling_seconds += jobs.times.get(sample_job(tag, method, seed), float("nan"))
+        fit_seconds = [jobs.times.get(fit_job(method.fit, s), float("nan")) for s in args.seeds] if method.fit else None
         table[method.name] = {
             **{key: mean_ci(values) for key, values in per_seed.items()},
             "per_seed": per_seed,
-            "images_per_seed": len(records),
+            "images_per_seed": len(records[args.seeds[0]]),
             "sampling_seconds": sampling_seconds / len(args.seeds),
             "fit_minutes": float(np.mean(fit_seconds)) / 60 if fit_seconds else None,
         }
@@ -343,13 +346,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if len(methods) == len(METHODS):
         table["goals"] = goals(table)
         table["fits"], table["fits_run"] = len(fits), sum(future is not None for _, future in fits.values())
-        fit_names = {f"fit-{config}-seed{seed}" for config, seed in fits}
-        sample_names = {f"sample-{tag}-{slug(m.name)}-seed{s}" for m in methods for s in args.seeds}
+        fit_names = {fit_job(config, seed) for config, seed in fits}
+        sample_names = {sample_job(tag, m, s) for m in methods for s in args.seeds}
         table["fit_minutes"] = sum(jobs.times.get(n, 0.0) for n in fit_names) / 60
         table["job_minutes"] = table["fit_minutes"] + sum(jobs.times.get(n, 0.0) for n in sample_names) / 60
         training = json.loads((MODELS / "training.json").read_text()) if (MODELS / "training.json").exists() else {}
         results = args.results or (HERE / "RESULTS.md" if args.split == "test" else work / "RESULTS.md")
-        write_results(results, table, args, jobs.times, commands, time.time() - start, training)
+        write_results(results, table, args, commands, time.time() - start, training)
         (work / "results.json").write_text(json.dumps(table, indent=2))
         print("\n".join(table["goals"]))
         print(f"wrote {results}")

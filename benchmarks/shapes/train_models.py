@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
 import world  # noqa: E402
+from comat_lightning.atomic_files import atomic_folder  # noqa: E402
 
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 # Text positions: the longest caption (three objects) is 24 tokens with start and end (the tiny BPE splits some
@@ -73,19 +74,6 @@ def cosine_lr(step: int, total: int, warmup: int = 100, floor: float = 0.1) -> f
         return (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def atomic_save(target: Path, save) -> None:
-    """``save(tmp_folder)`` then rename: a half-written model folder is never visible."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        save(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def log(stage: str, step: int, total: int, loss: float, start: float) -> None:
@@ -142,7 +130,8 @@ def train_vae(out: Path, steps: int, seed: int) -> dict:
         recon = torch.cat([vae.decode(vae.encode(data[i : i + 256]).latent_dist.mean).sample for i in range(0, 1024, 256)])
         error = float((recon.clamp(-1, 1) - data[:1024]).abs().mean() * 127.5)
     vae.register_to_config(scaling_factor=scaling)
-    atomic_save(out, vae.save_pretrained)
+    with atomic_folder(out) as tmp:  # a half-written model folder is never visible
+        vae.save_pretrained(tmp)
     return {"steps": steps, "final_loss": float(np.mean(losses[-100:])), "scaling_factor": scaling, "mean_abs_error_0_255": error, "seconds": time.time() - start}
 
 
@@ -150,25 +139,13 @@ def train_vae(out: Path, steps: int, seed: int) -> dict:
 
 
 def build_text_model(folder: Path):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    from comat_lightning.tiny_zoo import _clip_tokenizer
+    from comat_lightning.tiny_zoo import clip_tokenizer, text_encoder_config
 
-    tokenizer = _clip_tokenizer(folder, pad_token="<|endoftext|>")  # SD 1.x's tokenizer pads with the end token
-    tokenizer.model_max_length = TOKENS
-    tokenizer.save_pretrained(folder)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=TOKENS,
-        projection_dim=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    # SD 1.x's tokenizer pads with the end token.
+    tokenizer = clip_tokenizer(folder, pad_token="<|endoftext|>", model_max_length=TOKENS)
+    config = text_encoder_config(len(tokenizer), tokenizer, projection_dim=64, hidden_size=64, max_position_embeddings=TOKENS)
     return tokenizer, CLIPTextModel(config)
 
 
@@ -190,7 +167,7 @@ def build_unet():
 
 
 def train_t2i(out: Path, vae_dir: Path, steps: int, seed: int, batch: int = 32) -> dict:
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
     work = Path(tempfile.mkdtemp(prefix="t2i-tokenizer-"))
@@ -240,9 +217,7 @@ def train_t2i(out: Path, vae_dir: Path, steps: int, seed: int, batch: int = 32) 
         for e, p in zip(ema, params):
             p.copy_(e)
 
-    def save(tmp: Path) -> None:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-
+    with atomic_folder(out) as tmp:
         pipe = StableDiffusionPipeline(
             unet=unet.eval(),
             vae=vae,
@@ -254,8 +229,6 @@ def train_t2i(out: Path, vae_dir: Path, steps: int, seed: int, batch: int = 32) 
             requires_safety_checker=False,
         )
         pipe.save_pretrained(tmp)
-
-    atomic_save(out, save)
     shutil.rmtree(work, ignore_errors=True)
     return {"steps": steps, "batch": batch, "final_loss": float(np.mean(losses[-200:])), "seconds": time.time() - start}
 
@@ -265,14 +238,11 @@ def train_t2i(out: Path, vae_dir: Path, steps: int, seed: int, batch: int = 32) 
 
 def build_blip(folder: Path) -> None:
     """An untrained BLIP in the hub's layout (config, weights, BERT WordPiece tokenizer, image processor)."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    from comat_lightning.tiny_zoo import _bert_vocab
+    from comat_lightning.tiny_zoo import bert_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(_bert_vocab()) + "\n")
-    tokenizer = BertTokenizer(str(vocab), bos_token="[DEC]", model_max_length=512)
+    tokenizer = bert_tokenizer(folder)
     config = BlipConfig(
         vision_config=dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=world.IMAGE_SIZE, patch_size=4
@@ -349,13 +319,11 @@ def train_captioner(out: Path, vae_dir: Path, steps: int, seed: int, batch: int 
     model.requires_grad_(False)
     check = binding_check(scorer, vae, seed + 30)
 
-    def save(tmp: Path) -> None:
+    with atomic_folder(out) as tmp:
         for name in os.listdir(work):  # tokenizer and processor files as built
             if not name.startswith("model"):
                 shutil.copy(work / name, tmp / name)
         model.save_pretrained(tmp)
-
-    atomic_save(out, save)
     shutil.rmtree(work, ignore_errors=True)
     return {"steps": steps, "batch": batch, "final_loss": float(np.mean(losses[-200:])), "seconds": time.time() - start, **check}
 

@@ -146,17 +146,16 @@ def sample_any_scene(rng: np.random.Generator) -> list[Thing]:
     return scene(rng, random_objects(rng, count))
 
 
-def prompt_record(things: list[Thing], seed: int | None = None) -> dict:
+def prompt_record(things: list[Thing], seed: int | None = None, layout: bool = True) -> dict:
     """A JSONL record for the framework: the prompt, per-noun layout masks (COCO RLE, the rendered objects: what
-    attribute concentration's JsonlMasks reads), the guidance concepts (the nouns), and the objects for the judge."""
+    attribute concentration's JsonlMasks reads; only with ``layout``), the guidance concepts (the nouns), and the
+    objects for the judge."""
     from comat_lightning.masks import rle_encode
 
-    record = {
-        "prompt": caption(things),
-        "masks": {t.shape: rle_encode(thing_mask(t), compress=True) for t in things},
-        "concepts": [t.shape for t in things],
-        "objects": [[t.colour, t.shape] for t in things],
-    }
+    record = {"prompt": caption(things)}
+    if layout:
+        record["masks"] = {t.shape: rle_encode(thing_mask(t), compress=True) for t in things}
+    record.update(concepts=[t.shape for t in things], objects=[[t.colour, t.shape] for t in things])
     if seed is not None:
         record["seed"] = seed
     return record
