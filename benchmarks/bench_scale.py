@@ -13,6 +13,12 @@ are the published architectures with random weights (benchmarks/full_size_models
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one whole generator step (rollout, decode,
 losses, backward, discriminator step) in a separate, unmeasured step; MFU = counted FLOPs / median step time /
 the device's dense bf16 peak (``--peak-tflops`` to override).
+
+Without the GPU, ``--shape-only`` runs the same fit with fake tensors (benchmarks/shape_only.py): no timing, but
+the step's FLOPs, an estimate of its peak GPU memory (weights + the tensors the step creates, by model and pass)
+and the step time that a given MFU would need on ``--target-gpu``; bf16-mixed by default, as on a GPU:
+
+    python benchmarks/bench_scale.py --model sdxl --batch 1 --shape-only           # minutes, any machine
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--shape-only", action="store_true", help="fake tensors: FLOPs and estimated GPU memory, no timing")
+    parser.add_argument("--target-gpu", default="H100", help="--shape-only: the GPU whose bf16 peak the MFU goal refers to")
     parser.add_argument("--out", default=str(RESULTS / "scale.jsonl"))
     args = parser.parse_args()
     full = args.model != "tiny"
@@ -68,14 +76,13 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
-    import yaml
     from lightning.pytorch import Callback
     from torch.utils.flop_counter import FlopCounterMode
 
-    from comat_lightning.cli import main as cli_main
+    from benchmarks.shape_only import ShapeOnlyFit
 
     cuda = torch.cuda.is_available()
-    precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    precision = args.precision or ("bf16-mixed" if cuda or args.shape_only else "32-true")
     if full:
         from benchmarks.full_size_models import ensure
 
@@ -84,22 +91,13 @@ def main() -> None:
     else:
         pipeline, captioner = "tiny://sd", "tiny://blip"
 
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    trainer = config["trainer"]
-    trainer["callbacks"] = [cb for cb in trainer["callbacks"] if cb["class_path"].split(".")[-1] in _LOSSES]
-    for cb in trainer["callbacks"]:
-        if cb["class_path"].endswith("ConceptMatchingLoss"):
-            cb["init_args"]["captioner"] = captioner
-        if args.optimizer != "adamw" and cb["class_path"].endswith("FidelityPreservationLoss"):
-            cb["init_args"]["optimizer"] = args.optimizer
-    trainer.update(accelerator="gpu" if cuda else "cpu", precision=precision, max_steps=1 + args.warmup + args.steps,
-                   limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
-    model = config["model"]
-    model.update(pretrained_model=pipeline, gradient_checkpointing=not args.no_checkpointing)
-    model["sampler"].update(resolution=resolution, num_inference_steps=inference_steps)
-    model["gradient_steps"]["init_args"]["num_gradient_steps"] = k
-    model["optimizer"]["name"] = args.optimizer
-    config["data"].update(batch_size=batch, train_file=str(REPO / "data" / "demo_prompts.jsonl"), val_file=None)
+    cuda = cuda and not args.shape_only
+    config = bench_config(
+        pipeline, captioner, accelerator="gpu" if cuda else "cpu", precision=precision,
+        max_steps=2 if args.shape_only else 1 + args.warmup + args.steps,  # shape-only: a FLOPs step, a memory step
+        resolution=resolution, batch=batch, inference_steps=inference_steps, k=k,
+        checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
+    )  # fmt: skip
 
     class Measure(Callback):
         """Step 0: FLOPs (counting slows it, so it is not timed); then warm-up; then timed steps."""
@@ -127,28 +125,32 @@ def main() -> None:
             elif pl_module.generator_step > 1 + args.warmup:
                 self.durations.append(seconds)
 
-    measure = Measure()
-    with tempfile.TemporaryDirectory() as workdir:
-        path = Path(workdir) / "bench.yaml"
-        path.write_text(yaml.safe_dump(config))
-        os.chdir(workdir)
-        cli = cli_main(args=["--config", str(path)], run=False)
-        cli.trainer.callbacks.append(measure)
-        cli.trainer.fit(cli.model, cli.datamodule)
+    measure = ShapeOnlyFit() if args.shape_only else Measure()
+    run_fit(config, measure)
 
-    median = statistics.median(measure.durations)
-    device = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    peak = args.peak_tflops or (peak_tflops(device) if cuda else None)
-    achieved = measure.flops / median if measure.flops else None
     import diffusers
     import lightning
     import transformers
 
-    result = {
+    device = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    versions = {"torch": torch.__version__, "lightning": lightning.__version__, "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__, "python": platform.python_version()}  # fmt: skip
+    setting = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "model": args.model, "resolution": resolution, "batch_per_device": batch, "inference_steps": inference_steps, "K": k,
         "precision": precision, "gradient_checkpointing": not args.no_checkpointing, "optimizer": args.optimizer,
         "losses": list(_LOSSES),
+    }  # fmt: skip
+    if args.shape_only:
+        result = {**setting, **shape_only_figures(measure.result, args.peak_tflops or peak_tflops(args.target_gpu), args.target_gpu),
+                  "device": device + ", shape-only (fake tensors)", "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        write_result(result, Path(args.out))
+        return
+    median = statistics.median(measure.durations)
+    peak = args.peak_tflops or (peak_tflops(device) if cuda else None)
+    achieved = measure.flops / median if measure.flops else None
+    result = {
+        **setting,
         "steps_timed": len(measure.durations), "seconds_per_generator_step_median": median,
         "seconds_per_generator_step_min": min(measure.durations), "seconds_per_generator_step_max": max(measure.durations),
         "images_per_second": batch / median,
@@ -159,16 +161,82 @@ def main() -> None:
         "achieved_tflops_per_second": achieved / 1e12 if achieved else None,
         "device_peak_bf16_tflops": peak,
         "mfu": achieved / (peak * 1e12) if (achieved and peak) else None,
-        "device": device, "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "lightning": lightning.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "device": device, "torch_threads": torch.get_num_threads(), "versions": versions,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip
-    line = json.dumps(result)
-    out = Path(args.out)
+    write_result(result, Path(args.out))
+
+
+def bench_config(pipeline: str, captioner: str, *, accelerator: str, precision: str, max_steps: int, resolution: int,
+                 batch: int, inference_steps: int, k: int, checkpointing: bool = True, optimizer: str = "adamw") -> dict:
+    """The demo's fit config with all three CoMat losses (and no logging, validation or checkpoints) on the given
+    models and sizes."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    trainer = config["trainer"]
+    trainer["callbacks"] = [cb for cb in trainer["callbacks"] if cb["class_path"].split(".")[-1] in _LOSSES]
+    for cb in trainer["callbacks"]:
+        if cb["class_path"].endswith("ConceptMatchingLoss"):
+            cb["init_args"]["captioner"] = captioner
+        if optimizer != "adamw" and cb["class_path"].endswith("FidelityPreservationLoss"):
+            cb["init_args"]["optimizer"] = optimizer
+    trainer.update(accelerator=accelerator, precision=precision, max_steps=max_steps,
+                   limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    model = config["model"]
+    model.update(pretrained_model=pipeline, gradient_checkpointing=checkpointing)
+    model["sampler"].update(resolution=resolution, num_inference_steps=inference_steps)
+    model["gradient_steps"]["init_args"]["num_gradient_steps"] = k
+    model["optimizer"]["name"] = optimizer
+    config["data"].update(batch_size=batch, train_file=str(REPO / "data" / "demo_prompts.jsonl"), val_file=None)
+    return config
+
+
+def run_fit(config: dict, callback):
+    """``train.py fit`` of ``config`` with ``callback`` added, in a scratch folder (the working directory is restored);
+    returns the trained module."""
+    import yaml
+
+    from comat_lightning.cli import main as cli_main
+
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as workdir:
+        path = Path(workdir) / "bench.yaml"
+        path.write_text(yaml.safe_dump(config))
+        os.chdir(workdir)
+        try:
+            cli = cli_main(args=["--config", str(path)], run=False)
+            cli.trainer.callbacks.append(callback)
+            cli.trainer.fit(cli.model, cli.datamodule)
+        finally:
+            os.chdir(cwd)
+    return cli.model
+
+
+def shape_only_figures(measured: dict, peak_bf16_tflops: float, target_gpu: str, mfu_goal: float = 0.35) -> dict:
+    """GiB figures of a shape-only run: weights by model, the step's own tensors at their peak by (model, pass),
+    their sum (the estimated peak allocated), and the step time ``mfu_goal`` would need on ``target_gpu``."""
+    gib = 2**30
+    weights = {name: nbytes / gib for name, nbytes in measured["weights"].items() if nbytes}
+    at_peak = sorted(measured["at_peak"].items(), key=lambda item: -item[1])
+    dynamic = measured["peak_dynamic_bytes"] / gib
+    flops = measured["flops"]
+    return {
+        "weights_gib": weights, "weights_total_gib": sum(weights.values()),
+        "step_tensors_at_peak_gib": dynamic,
+        "step_tensors_at_peak_by_model_gib": {f"{model} {direction}": nbytes / gib for (model, direction), nbytes in at_peak if nbytes >= gib / 100},
+        "estimated_peak_allocated_gib": sum(weights.values()) + dynamic,
+        "model_tflops_per_step": flops / 1e12,
+        "target_gpu": target_gpu, "target_peak_bf16_tflops": peak_bf16_tflops,
+        f"seconds_per_step_for_mfu_{mfu_goal:g}": flops / (mfu_goal * peak_bf16_tflops * 1e12),
+        "nominal_scalar_reads": measured["nominal_reads"],
+    }  # fmt: skip
+
+
+def write_result(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:  # one complete line per run: a crash mid-run appends nothing
-        f.write(line + "\n")
+        f.write(json.dumps(result) + "\n")
     print(json.dumps(result, indent=2))
     print(f"appended to {out}")
 
