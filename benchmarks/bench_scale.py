@@ -81,7 +81,7 @@ def main() -> None:
 
     from benchmarks.shape_only import ShapeOnlyFit
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not args.shape_only
     precision = args.precision or ("bf16-mixed" if cuda or args.shape_only else "32-true")
     if full:
         from benchmarks.full_size_models import ensure
@@ -91,7 +91,6 @@ def main() -> None:
     else:
         pipeline, captioner = "tiny://sd", "tiny://blip"
 
-    cuda = cuda and not args.shape_only
     config = bench_config(
         pipeline, captioner, accelerator="gpu" if cuda else "cpu", precision=precision,
         max_steps=2 if args.shape_only else 1 + args.warmup + args.steps,  # shape-only: a FLOPs step, a memory step

@@ -54,21 +54,27 @@ class ShapeOnlyExecution(TorchDispatchMode):
         self._live_by: collections.Counter = collections.Counter()
         self._seen = WeakIdKeyDictionary()
         self._models: list[str] = []
+        self._hooks: list = []
         self._snapshot_at = 0
 
     def reset_peak(self) -> None:
         self.peak, self._snapshot_at, self.at_peak = self.live, 0, {}
 
     def label_model(self, module: nn.Module, name: str) -> None:
-        """Allocations made inside ``module``'s forward (a checkpointed re-run in backward included) carry ``name``."""
+        """Allocations made inside ``module``'s forward (a checkpointed re-run in backward included) carry ``name``.
+        The hooks are removed when the mode is exited."""
         def enter(*_) -> None:
             self._models.append(name)
 
         def leave(*_) -> None:  # returns None: a forward hook's return value would replace the output
             self._models.pop()
 
-        module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave, always_call=True)
+        self._hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+
+    def __exit__(self, *exc):
+        while self._hooks:
+            self._hooks.pop().remove()
+        return super().__exit__(*exc)
 
     def _free(self, nbytes: int, key: tuple[str, str]) -> None:
         self.live -= nbytes
@@ -168,13 +174,13 @@ class ShapeOnlyFit(Callback):
             if self.fake:
                 fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
                 self._restore = fake_weights(pl_module, fake_mode)
-                self._enter(fake_mode)
+                self._enter(fake_mode, warnings.catch_warnings())
                 with fake_mode:
                     optimizers, _ = pl_module.configure_optimizers()
                 self._real_optimizers = trainer.strategy.optimizers
                 trainer.strategy.optimizers = optimizers  # Lightning's wrappers and toggling follow the fake weights
                 # The step's schedulers still point at the real optimizers, which never step: PyTorch's warning
-                # about the call order is expected here.
+                # about the call order is expected here (silenced until the run ends).
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self._enter(self._tracker)
             self._flops = FlopCounterMode(display=False)
