@@ -37,6 +37,10 @@ _CUDA_BLOCK = 512  # the caching allocator's smallest block: every allocation is
 _NOMINAL = {bool: True, int: 1, float: 1.0}
 
 
+def _has_storage(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type != "meta"
+
+
 def allocated_bytes(storage: torch.UntypedStorage) -> int:
     return -(-storage.nbytes() // _CUDA_BLOCK) * _CUDA_BLOCK
 
@@ -55,25 +59,33 @@ class ShapeOnlyExecution(TorchDispatchMode):
         self._seen = WeakIdKeyDictionary()
         self._models: list[str] = []
         self._hooks: list = []
+        self._labelled: set = set()  # modules already hooked, each under one name
         self._snapshot_at = 0
 
     def reset_peak(self) -> None:
         self.peak, self._snapshot_at, self.at_peak = self.live, 0, {}
 
     def label_model(self, module: nn.Module, name: str) -> None:
-        """Allocations made inside ``module``'s forward (a checkpointed re-run in backward included) carry ``name``.
-        The hooks are removed when the mode is exited."""
+        """Allocations made inside a forward of ``module`` or of any of its submodules carry ``name``. Hooking every
+        submodule, not only the root, also labels calls that bypass the root's ``forward`` (``vae.decode`` runs
+        ``vae.decoder``) and checkpointed blocks re-run in backward. A submodule that an earlier-labelled model
+        owns keeps that label (a loss that reuses the UNet does not relabel it). The hooks are removed when the
+        mode is exited."""
         def enter(*_) -> None:
             self._models.append(name)
 
         def leave(*_) -> None:  # returns None: a forward hook's return value would replace the output
             self._models.pop()
 
-        self._hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+        for sub in module.modules():
+            if sub not in self._labelled:
+                self._labelled.add(sub)
+                self._hooks += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave, always_call=True)]
 
     def __exit__(self, *exc):
         while self._hooks:
             self._hooks.pop().remove()
+        self._labelled.clear()
         return super().__exit__(*exc)
 
     def _free(self, nbytes: int, key: tuple[str, str]) -> None:
@@ -94,10 +106,13 @@ class ShapeOnlyExecution(TorchDispatchMode):
             with unset_fake_temporarily():
                 out = func(*args, **kwargs)
         key = (self._models[-1] if self._models else "other", "backward" if torch._C._current_graph_task_id() != -1 else "forward")
+        # An output that shares an input's storage (a view such as a weight's ``t()`` in ``linear``, an in-place op)
+        # allocated nothing, even when that storage predates the tracking (the weights): it is not counted.
+        input_storages = {t.untyped_storage()._cdata for t in inputs if _has_storage(t)}
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            if _has_storage(tensor):
                 storage = tensor.untyped_storage()
-                if storage not in self._seen:
+                if storage._cdata not in input_storages and storage not in self._seen:
                     nbytes = allocated_bytes(storage)
                     self._seen[storage] = nbytes
                     self.live += nbytes

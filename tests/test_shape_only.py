@@ -1,7 +1,7 @@
 """The shape-only estimator (benchmarks/shape_only.py) that gives full-size memory and FLOPs without a GPU.
 
 Its storage accounting is checked against hand values, and a fake-tensor training step against the same step run
-for real: the fake run must see the same FLOPs and (nearly) the same tensor memory as the real one.
+for real: the fake run must see the same FLOPs and the same tensor memory, model by model, as the real one.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import contextlib
 
 import pytest
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from benchmarks.shape_only import ShapeOnlyExecution, ShapeOnlyFit, allocated_bytes
@@ -32,6 +33,9 @@ def test_storages_are_counted_from_creation_until_freed(fake):
         assert tracker.live == 4096
         view = b.view(10, 100)  # a view shares its storage: nothing new
         assert tracker.live == 4096
+        a.view(10, 100).t()  # nor does a view of a tensor made before tracking (a weight's t() in a linear layer)
+        a.mul_(1)  # nor an in-place op on one
+        assert tracker.live == 4096
         c = view * 2
         assert tracker.live == tracker.peak == 8192
         del c
@@ -53,9 +57,43 @@ def test_ops_on_real_inputs_run_for_real_under_the_fake_mode():
     assert index == 2
 
 
+def test_allocations_are_labelled_by_the_model_whose_submodule_made_them():
+    """``vae.decode`` bypasses the VAE's ``forward`` (it calls ``vae.decoder``) and a loss reuses the UNet: the
+    decoder's output is the VAE's, the reused UNet's stays the UNet's, the loss's head is the loss's."""
+
+    class Vae(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = nn.Linear(8, 8)
+
+        def decode(self, x):
+            return self.decoder(x)
+
+    class Loss(nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet, self.head = unet, nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.head(self.unet(x))
+
+    unet = nn.Linear(8, 8)
+    vae, loss = Vae(), Loss(unet)
+    tracker = ShapeOnlyExecution()
+    for name, model in {"unet": unet, "vae": vae, "loss": loss}.items():
+        tracker.label_model(model, name)
+    x = torch.zeros(1, 8)
+    with torch.no_grad(), tracker:
+        outputs = [vae.decode(x), loss(x)]  # kept alive: both count at the peak
+    # one 512-byte block each; the UNet's output inside the loss was live at the peak, then freed
+    assert tracker.at_peak == {("vae", "forward"): 512, ("unet", "forward"): 512, ("loss", "forward"): 512}
+    assert [tuple(output.shape) for output in outputs] == [(1, 8), (1, 8)]
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in [*vae.modules(), *loss.modules()])
+
+
 def test_fake_training_step_matches_the_real_step(tiny_paths):
-    """Two generator steps of the demo (all three losses): FLOPs equal, peak tensor memory within 3 %, the
-    breakdown names the models, and the real weights are back afterwards."""
+    """Two generator steps of the demo (all three losses): the same FLOPs, peak tensor memory and breakdown by
+    model as the real step, and the real weights are back afterwards."""
     from benchmarks.bench_scale import bench_config, run_fit
 
     results = {}
@@ -71,6 +109,9 @@ def test_fake_training_step_matches_the_real_step(tiny_paths):
     real, fake = results[False], results[True]
     assert fake["flops"] == real["flops"] > 0
     assert fake["weights"] == real["weights"]
-    assert fake["peak_dynamic_bytes"] == pytest.approx(real["peak_dynamic_bytes"], rel=0.03)
-    assert {model for model, _ in fake["at_peak"]} >= {"unet", "concept_matching"}
+    # every op's output shapes and dtypes are the real ones, so the accounting agrees to the block
+    assert fake["peak_dynamic_bytes"] == real["peak_dynamic_bytes"] > 0
+    assert fake["at_peak"] == real["at_peak"]
+    # the checkpointed VAE decoder re-run in backward is the VAE's, not unlabelled
+    assert {("unet", "forward"), ("vae", "backward")} <= set(fake["at_peak"])
     assert fake["nominal_reads"]["bool"] > 0  # the finiteness checks took their normal path
