@@ -10,8 +10,8 @@ are the published architectures with random weights (benchmarks/full_size_models
     python benchmarks/bench_scale.py --model sdxl --batch 1 --no-checkpointing
     python benchmarks/bench_scale.py --model sdxl --batch 1 --optimizer adamw8bit
 
-FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one whole generator step (rollout, decode,
-losses, backward, discriminator step) in a separate, unmeasured step; MFU = counted FLOPs / median step time /
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (benchmarks/flop_counting.py: plus CPU attention)
+over one whole generator step (rollout, decode, losses, backward, discriminator step) in a separate, unmeasured step; MFU = counted FLOPs / median step time /
 the device's dense bf16 peak (``--peak-tflops`` to override).
 
 Without the GPU, ``--shape-only`` runs the same fit with fake tensors (benchmarks/shape_only.py): no timing, but
@@ -77,8 +77,7 @@ def main() -> None:
 
     import torch
     from lightning.pytorch import Callback
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from benchmarks.flop_counting import flop_counter
     from benchmarks.shape_only import ShapeOnlyFit
 
     cuda = torch.cuda.is_available() and not args.shape_only
@@ -106,7 +105,7 @@ def main() -> None:
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if pl_module.generator_step == 0 and not args.no_flops:
-                self._counter = FlopCounterMode(display=False)
+                self._counter = flop_counter()
                 self._counter.__enter__()
             if cuda:
                 torch.cuda.synchronize()
@@ -214,18 +213,21 @@ def run_fit(config: dict, callback):
 
 def shape_only_figures(measured: dict, peak_bf16_tflops: float, target_gpu: str, mfu_goal: float = 0.35) -> dict:
     """GiB figures of a shape-only run: weights by model, the step's own tensors at their peak by (model, pass),
-    their sum (the estimated peak allocated), and the step time ``mfu_goal`` would need on ``target_gpu``."""
+    their sum (the estimated peak allocated), the step's TFLOP (by (model, pass) down to 0.1 % of the total) and the
+    step time ``mfu_goal`` would need on ``target_gpu``."""
     gib = 2**30
     weights = {name: nbytes / gib for name, nbytes in measured["weights"].items() if nbytes}
     at_peak = sorted(measured["at_peak"].items(), key=lambda item: -item[1])
     dynamic = measured["peak_dynamic_bytes"] / gib
     flops = measured["flops"]
+    flops_by = sorted(measured["flops_by"].items(), key=lambda item: -item[1])
     return {
         "weights_gib": weights, "weights_total_gib": sum(weights.values()),
         "step_tensors_at_peak_gib": dynamic,
         "step_tensors_at_peak_by_model_gib": {f"{model} {direction}": nbytes / gib for (model, direction), nbytes in at_peak if nbytes >= gib / 100},
         "estimated_peak_allocated_gib": sum(weights.values()) + dynamic,
         "model_tflops_per_step": flops / 1e12,
+        "tflops_by_model": {f"{model} {direction}": n / 1e12 for (model, direction), n in flops_by if n >= flops / 1000},
         "target_gpu": target_gpu, "target_peak_bf16_tflops": peak_bf16_tflops,
         f"seconds_per_step_for_mfu_{mfu_goal:g}": flops / (mfu_goal * peak_bf16_tflops * 1e12),
         "nominal_scalar_reads": measured["nominal_reads"],

@@ -33,6 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from benchmarks.flop_counting import flop_counter, op_flops
+
 _CUDA_BLOCK = 512  # the caching allocator's smallest block: every allocation is rounded up to a multiple of it
 _NOMINAL = {bool: True, int: 1, float: 1.0}
 
@@ -60,6 +62,7 @@ class ShapeOnlyExecution(TorchDispatchMode):
         self._models: list[str] = []
         self._hooks: list = []
         self._labelled: set = set()  # modules already hooked, each under one name
+        self.flops_by: collections.Counter = collections.Counter()  # (model, pass) -> FLOPs, as flop_counter() counts
         self._snapshot_at = 0
 
     def reset_peak(self) -> None:
@@ -106,6 +109,7 @@ class ShapeOnlyExecution(TorchDispatchMode):
             with unset_fake_temporarily():
                 out = func(*args, **kwargs)
         key = (self._models[-1] if self._models else "other", "backward" if torch._C._current_graph_task_id() != -1 else "forward")
+        self.flops_by[key] += op_flops(func, args, kwargs, out)
         # An output that shares an input's storage (a view such as a weight's ``t()`` in ``linear``, an in-place op)
         # allocated nothing, even when that storage predates the tracking (the weights): it is not counted.
         input_storages = {t.untyped_storage()._cdata for t in inputs if _has_storage(t)}
@@ -165,11 +169,12 @@ def weight_bytes(module: Optional[nn.Module], trainable: Optional[bool] = None, 
 class ShapeOnlyFit(Callback):
     """Makes a ``trainer.fit`` of two generator steps shape-only. The models load for real (``configure_model``);
     at the first batch their weights become fake and the optimizers are rebuilt over them. Step 0 counts FLOPs
-    (``FlopCounterMode``; it keeps backward tensors alive, so it never overlaps the memory count); step 1, with the
+    (``flop_counter()``, a ``FlopCounterMode``; it keeps backward tensors alive, so it never overlaps the memory count); step 1, with the
     optimizer state step 0 created, is the memory count. The real weights are put back when training ends.
 
     ``result`` then holds: ``weights`` (bytes by model, before the step), ``peak_dynamic_bytes`` (tensors the step
-    creates, optimizer state included), ``at_peak`` (that figure by (model, pass)), ``flops``, ``nominal_reads``."""
+    creates, optimizer state included), ``at_peak`` (that figure by (model, pass)), ``flops`` (step 0), ``flops_by`` (step 0's by (model, pass)),
+    ``nominal_reads``."""
 
     def __init__(self, fake: bool = True):
         self.fake = fake  # False: the same accounting over real execution (to check the fake run against)
@@ -179,8 +184,6 @@ class ShapeOnlyFit(Callback):
         self._tracker: Optional[ShapeOnlyExecution] = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        from torch.utils.flop_counter import FlopCounterMode
-
         if pl_module.generator_step == 0:
             self.result["weights"] = model_weights(pl_module)
             self._tracker = ShapeOnlyExecution()
@@ -198,7 +201,7 @@ class ShapeOnlyFit(Callback):
                 # about the call order is expected here (silenced until the run ends).
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self._enter(self._tracker)
-            self._flops = FlopCounterMode(display=False)
+            self._flops = flop_counter()
             self._enter(self._flops)
         else:
             self._tracker.reset_peak()
@@ -206,7 +209,7 @@ class ShapeOnlyFit(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.generator_step == 1:
             self._exit()  # the FLOP counter only
-            self.result["flops"] = self._flops.get_total_flops()
+            self.result.update(flops=self._flops.get_total_flops(), flops_by=dict(self._tracker.flops_by))
         else:
             tracker = self._tracker
             self.result.update(peak_dynamic_bytes=tracker.peak, at_peak=tracker.at_peak, nominal_reads=dict(tracker.nominal_reads))

@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.flop_counting import flop_counter
 from benchmarks.shape_only import ShapeOnlyExecution, ShapeOnlyFit, allocated_bytes
 
 
@@ -57,6 +59,23 @@ def test_ops_on_real_inputs_run_for_real_under_the_fake_mode():
     assert index == 2
 
 
+def test_attention_flops_on_cpu_are_counted_like_the_explicit_matmuls():
+    """PyTorch's counter gives CPU SDPA 0 FLOPs; ours counts it as PyTorch counts the same attention written as
+    matmuls (q k^T, then the weights times v): 2 * 2 * b * h * s_q * s_k * d forward, 2.5 times that backward."""
+    q, k, v = (torch.randn(2, 4, 64, 32, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as pytorch_counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with FlopCounterMode(display=False) as explicit:
+        ((q @ k.transpose(-1, -2) / 32**0.5).softmax(-1) @ v).sum()
+    with flop_counter() as forward:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with flop_counter() as backward:
+        out.sum().backward()
+    assert pytorch_counter.get_total_flops() == 0
+    assert forward.get_total_flops() == explicit.get_total_flops() == 2 * 2 * 2 * 4 * 64 * 64 * 32
+    assert backward.get_total_flops() == 2.5 * forward.get_total_flops()
+
+
 def test_allocations_are_labelled_by_the_model_whose_submodule_made_them():
     """``vae.decode`` bypasses the VAE's ``forward`` (it calls ``vae.decoder``) and a loss reuses the UNet: the
     decoder's output is the VAE's, the reused UNet's stays the UNet's, the loss's head is the loss's."""
@@ -87,6 +106,7 @@ def test_allocations_are_labelled_by_the_model_whose_submodule_made_them():
         outputs = [vae.decode(x), loss(x)]  # kept alive: both count at the peak
     # one 512-byte block each; the UNet's output inside the loss was live at the peak, then freed
     assert tracker.at_peak == {("vae", "forward"): 512, ("unet", "forward"): 512, ("loss", "forward"): 512}
+    assert tracker.flops_by == {("vae", "forward"): 128, ("unet", "forward"): 128, ("loss", "forward"): 128}  # 2*8*8
     assert [tuple(output.shape) for output in outputs] == [(1, 8), (1, 8)]
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in [*vae.modules(), *loss.modules()])
 
@@ -108,6 +128,7 @@ def test_fake_training_step_matches_the_real_step(tiny_paths):
         assert not any(isinstance(t, FakeTensor) for t in [*module.parameters(), *module.buffers()])
     real, fake = results[False], results[True]
     assert fake["flops"] == real["flops"] > 0
+    assert fake["flops_by"] == real["flops_by"] and sum(fake["flops_by"].values()) == fake["flops"]
     assert fake["weights"] == real["weights"]
     # every op's output shapes and dtypes are the real ones, so the accounting agrees to the block
     assert fake["peak_dynamic_bytes"] == real["peak_dynamic_bytes"] > 0
