@@ -202,6 +202,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, clip_path: str, out_dir: 
         start = sum(SHARES[:rank])
         _update(metrics, _dataset(), start, start + SHARES[rank])
         torch.save(_results(metrics), Path(out_dir) / f"rank{rank}.pt")
+        # Rank 0 hosts the TCP store: without this, it could tear its process group down while rank 1 still talks
+        # to the store, and gloo's threads abort the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
