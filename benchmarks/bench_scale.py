@@ -10,9 +10,10 @@ are the published architectures with random weights (benchmarks/full_size_models
     python benchmarks/bench_scale.py --model sdxl --batch 1 --no-checkpointing
     python benchmarks/bench_scale.py --model sdxl --batch 1 --optimizer adamw8bit
 
-FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (benchmarks/flop_counting.py: plus CPU attention)
-over one whole generator step (rollout, decode, losses, backward, discriminator step) in a separate, unmeasured step; MFU = counted FLOPs / median step time /
-the device's dense bf16 peak (``--peak-tflops`` to override).
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (benchmarks/flop_counting.py: plus CPU
+attention) over one whole generator step (rollout, decode, losses, backward, discriminator step) in a separate,
+unmeasured step; MFU = counted FLOPs / median step time / the device's dense bf16 peak (``--peak-tflops`` to
+override).
 
 Without the GPU, ``--shape-only`` runs the same fit with fake tensors (benchmarks/shape_only.py): no timing, but
 the step's FLOPs, an estimate of its peak GPU memory (weights + the tensors the step creates, by model and pass)

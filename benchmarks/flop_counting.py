@@ -9,7 +9,7 @@ count as the GPU kernels (PyTorch's own ``sdpa_flop_count``), so a step counts t
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 aten = torch.ops.aten
 
@@ -26,12 +26,15 @@ CPU_ATTENTION = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flop,
 }
-# PyTorch's formulas plus the CPU attention ones, each taking the op's tensors (``shape_wrapper``) and ``out_val``
-FORMULAS = {**flop_registry, **{op: shape_wrapper(formula) for op, formula in CPU_ATTENTION.items()}}
 
 
 def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+
+
+# PyTorch's formulas merged with the CPU attention ones by FlopCounterMode itself (op packet -> formula taking the
+# op's arguments and ``out_val``), so that op_flops counts exactly what a flop_counter() counts
+FORMULAS = flop_counter().flop_registry
 
 
 def op_flops(func, args, kwargs, out) -> int:

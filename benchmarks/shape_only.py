@@ -169,12 +169,13 @@ def weight_bytes(module: Optional[nn.Module], trainable: Optional[bool] = None, 
 class ShapeOnlyFit(Callback):
     """Makes a ``trainer.fit`` of two generator steps shape-only. The models load for real (``configure_model``);
     at the first batch their weights become fake and the optimizers are rebuilt over them. Step 0 counts FLOPs
-    (``flop_counter()``, a ``FlopCounterMode``; it keeps backward tensors alive, so it never overlaps the memory count); step 1, with the
-    optimizer state step 0 created, is the memory count. The real weights are put back when training ends.
+    (``flop_counter()``, a ``FlopCounterMode``; it keeps backward tensors alive, so it never overlaps the memory
+    count); step 1, with the optimizer state step 0 created, is the memory count. The real weights are put back when
+    training ends.
 
     ``result`` then holds: ``weights`` (bytes by model, before the step), ``peak_dynamic_bytes`` (tensors the step
-    creates, optimizer state included), ``at_peak`` (that figure by (model, pass)), ``flops`` (step 0), ``flops_by`` (step 0's by (model, pass)),
-    ``nominal_reads``."""
+    creates, optimizer state included), ``at_peak`` (that figure by (model, pass)), ``flops`` (step 0),
+    ``flops_by`` (step 0's by (model, pass)), ``nominal_reads``."""
 
     def __init__(self, fake: bool = True):
         self.fake = fake  # False: the same accounting over real execution (to check the fake run against)
