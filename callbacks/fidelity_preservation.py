@@ -4,8 +4,11 @@ frozen base model's.
 - Generator term (``compute``, part of the generator loss): non-saturating BCE, ``BCE(D(fake), 1)`` averaged over
   latent pixels and the batch; the module runs it with the discriminator's parameters frozen (Lightning's
   ``toggled_optimizer``), so its gradient reaches the generator's LoRA only.
-- Discriminator step (``discriminator_loss``, after the generator step): ``BCE(D(real), 1) + BCE(D(fake), 0)`` on
-  the detached fake and the real latents, with the discriminator's own AdamW and gradient clip.
+- Discriminator step (``discriminator_loss``, after the generator step): one discriminator pass over the detached
+  fake and the real latents together, ``[fake; real]``, then BCE against ``[0; 1]``: one mean over the concatenation
+  (official, ``discriminator_reduction: concat_mean``) or ``BCE(real, 1) + BCE(fake, 0)``, the sum of the two
+  halves' means (``sum_of_means``, twice the official value, so the 1.0 gradient clip bites at half the
+  official gradient); with the discriminator's own AdamW and gradient clip.
 
 Real latents: final latents of the frozen base model for the same prompts, precomputed by
 ``python -m comat_lightning.real_latents`` into the JSONL (``real_latents: data``), or generated on the fly by
@@ -21,7 +24,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossNeeds
+from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossNeeds, check_choice
 from comat_lightning.discriminator import LatentDiscriminator, add_discriminator_lora
 from comat_lightning.errors import InputError
 from comat_lightning.input_checks import check_local_path
@@ -36,9 +39,12 @@ class FidelityPreservationLoss(AdversarialLoss):
         real_latents: "data" (batch["real_latent"] from the JSONL) or "on_the_fly" (base UNet, LoRA disabled).
         discriminator_model: None = the generator's own base UNet under a second LoRA (no extra UNet held); or a
             pipeline (hub id / folder) whose UNet becomes a separate backbone (official SDXL code: an SD1.5 UNet).
-        lora_rank / lora_alpha / target_modules: the discriminator's LoRA.
+        lora_rank / lora_alpha / target_modules / lora_init: the discriminator's LoRA (init as ``model.lora.init``:
+            "gaussian" A ~ N(0, 1/rank), official; "kaiming" as PEFT's default).
         lr, betas, weight_decay, grad_clip: the discriminator's AdamW (published lr: 2e-5 SD1.5 / 5e-5 SDXL).
         optimizer: "adamw", or bitsandbytes' "adamw8bit" / "paged_adamw8bit" (8-bit state).
+        discriminator_reduction: "concat_mean" (official: one BCE mean over the fake and real logits together) or
+            "sum_of_means" (BCE(real, 1) + BCE(fake, 0): each half weighs as a whole loss; 2x the official value).
     """
 
     needs = LossNeeds()  # reads the final latents only
@@ -51,11 +57,13 @@ class FidelityPreservationLoss(AdversarialLoss):
         lora_rank: int = 128,
         lora_alpha: Optional[float] = None,
         target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"],  # noqa: B006 (read-only)
+        lora_init: Literal["gaussian", "kaiming"] = "gaussian",
         lr: float = 2e-5,
         betas: tuple[float, float] = (0.0, 0.999),
         weight_decay: float = 1e-2,
         grad_clip: Optional[float] = 1.0,
         optimizer: OptimizerName = "adamw",
+        discriminator_reduction: Literal["concat_mean", "sum_of_means"] = "concat_mean",
         name: str = "fidelity_preservation",
     ):
         super().__init__(weight=weight, name=name)
@@ -80,12 +88,16 @@ class FidelityPreservationLoss(AdversarialLoss):
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {optimizer!r}")
         if problems:
             raise InputError("FidelityPreservationLoss: " + "; ".join(problems))
+        check_choice("FidelityPreservationLoss", "discriminator_reduction", discriminator_reduction, ("concat_mean", "sum_of_means"))
+        check_choice("FidelityPreservationLoss", "lora_init", lora_init, ("gaussian", "kaiming"))
+        self.lora_init = lora_init
         check_local_path("FidelityPreservationLoss.discriminator_model", discriminator_model, "pipeline folder")
         self.real_latents = real_latents
         self.discriminator_model = discriminator_model
         self.lora_rank, self.lora_alpha, self.target_modules = lora_rank, lora_alpha, list(target_modules)
         self.lr, self.betas, self.weight_decay, self.grad_clip = lr, tuple(betas), weight_decay, grad_clip
         self.optimizer = optimizer
+        self.discriminator_reduction = discriminator_reduction
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Runs after the datamodule's setup and before any model loads: training prompts without a real latent
@@ -114,7 +126,7 @@ class FidelityPreservationLoss(AdversarialLoss):
         else:
             unet, empty = self._separate_backbone(pl_module)
             shared = False
-        add_discriminator_lora(unet, self.lora_rank, self.lora_alpha, self.target_modules)
+        add_discriminator_lora(unet, self.lora_rank, self.lora_alpha, self.target_modules, self.lora_init)
         return LatentDiscriminator(unet, empty, last_timestep, scheduler, shared=shared)
 
     def _separate_backbone(self, pl_module):
@@ -152,11 +164,17 @@ class FidelityPreservationLoss(AdversarialLoss):
     def discriminator_loss(self, pl_module, generated: GeneratedBatch):
         discriminator = pl_module.loss_modules[self.name]
         real = self.real_batch(pl_module, generated)
-        fake_logits = discriminator(generated.latents.detach())
-        real_logits = discriminator(real)
-        loss = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits)) + F.binary_cross_entropy_with_logits(
-            fake_logits, torch.zeros_like(fake_logits)
-        )
+        fake = generated.latents.detach()
+        # One pass over [fake; real] (as the official code): per-sample ops, so the same logits as two passes.
+        logits = discriminator(torch.cat([fake, real]))  # (2B, h, w)
+        fake_logits, real_logits = logits[: len(fake)], logits[len(fake) :]
+        targets = torch.cat([torch.zeros_like(fake_logits), torch.ones_like(real_logits)])
+        if self.discriminator_reduction == "concat_mean":
+            loss = F.binary_cross_entropy_with_logits(logits, targets)
+        else:
+            loss = F.binary_cross_entropy_with_logits(real_logits, targets[len(fake) :]) + F.binary_cross_entropy_with_logits(
+                fake_logits, targets[: len(fake)]
+            )
         real_logits, fake_logits = real_logits.detach(), fake_logits.detach()
         logs = {
             "real_score": torch.sigmoid(real_logits).mean(),

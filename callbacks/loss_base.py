@@ -47,6 +47,9 @@ class GeneratedBatch:
     attention: Optional["AttentionStore"] = None  # recorded cross-attention maps, if an active loss asked for them
     seeds: list[int] = field(default_factory=list)  # per-sample noise seeds (a loss may derive its own streams)
     attention_summary: Optional["StepAveragedMaps"] = None  # validation/test: step-averaged maps for evaluation
+    # The rollout's batch-level seed (the same on every rank), for a loss's batch-level randomness (e.g. one crop
+    # offset for the whole batch); None when the batch was not made by a rollout.
+    batch_seed: Optional[int] = None
 
     def records(self) -> list[dict[str, Any]]:
         """The batch as one record per sample (``{"prompt": ..., <JSONL fields>}``)."""
@@ -104,6 +107,16 @@ def check_weight(owner: str, option: str, value: float) -> None:
     """A loss weight must be a finite number >= 0 (a negative weight would train towards the opposite)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
         raise InputError(f"{owner}: {option} must be >= 0 (and finite), got {value!r}")
+
+
+def check_choice(owner: str, option: str, value: Any, choices: tuple) -> None:
+    """Refuse a value outside ``choices``, naming the option and listing what is valid."""
+    if value not in choices:
+        import difflib
+
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(f"{owner}: {option} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}")
 
 
 def _snake_case(name: str) -> str:

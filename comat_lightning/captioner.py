@@ -5,25 +5,29 @@
 with torch ops (random crop, fp32 bicubic antialiased resize, CLIP mean/std), not with the PIL image processor,
 so the gradient reaches the diffusion model.
 
-Three choices change the number and are explicit options (the official CoMat code's values in brackets):
+Choices that change the number are explicit options (the official CoMat code's values in brackets):
 ``label_smoothing`` [0.1; transformers' default is 0.0], ``first_token`` ["cls": BLIP's forward keeps the
-tokenizer's [CLS]; "dec" puts the [DEC] token that ``generate`` starts from], and ``reduction``
+tokenizer's [CLS]; "dec" puts the [DEC] token that ``generate`` starts from], ``reduction``
 ["token_mean": one mean over every caption token in the batch; "sample_mean": mean per caption, then over
-the batch, so short prompts are not drowned by long ones].
+the batch, so short prompts are not drowned by long ones], ``max_crop`` and ``crop_per`` [a crop of
+``resolution // 224`` pixels less, at one random offset for the whole batch], ``max_length`` [None: captions are
+never truncated].
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comat_lightning.errors import InputError
 from comat_lightning.tiny_zoo import resolve_model_path
 
 FirstToken = Literal["cls", "dec"]
 Reduction = Literal["sample_mean", "token_mean"]
+CropPer = Literal["batch", "image"]
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
@@ -35,7 +39,8 @@ class CaptionScorer(nn.Module):
         label_smoothing: float = 0.0,
         first_token: FirstToken = "cls",
         max_crop: int = 0,
-        max_length: int = 64,
+        crop_per: CropPer = "image",
+        max_length: Optional[int] = None,
     ):
         super().__init__()
         from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipImageProcessor
@@ -55,7 +60,11 @@ class CaptionScorer(nn.Module):
         self.label_smoothing = label_smoothing
         self.first_token = first_token
         self.max_crop = max_crop
-        self.max_length = min(max_length, self.model.config.text_config.max_position_embeddings)
+        self.crop_per = crop_per
+        # Captions longer than the decoder's position table cannot be scored at all; None truncates nowhere else.
+        self.position_limit = self.model.config.text_config.max_position_embeddings
+        self.max_length = self.position_limit if max_length is None else min(max_length, self.position_limit)
+        self.truncate = max_length is not None
 
     def train(self, mode: bool = True):  # the judge is frozen: dropout stays off whatever Lightning asks
         return super().train(False)
@@ -64,10 +73,18 @@ class CaptionScorer(nn.Module):
 
     def preprocess(self, images: torch.Tensor, generator: Generators = None, crop: bool = True) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1] (not clamped) -> (B, 3, S, S) BLIP pixel values, differentiably.
-        ``generator``: one for the batch, or one per image (then an image's crop does not depend on its batch).
-        ``crop=False`` skips the random crop (evaluation scores the whole image, deterministically)."""
+
+        The random crop keeps ``H - max_crop`` x ``W - max_crop`` pixels at an offset in ``[0, max_crop]`` per axis:
+        ``crop_per="batch"`` draws one (top, left) for the whole batch from ``generator`` (a single generator, as the
+        official code); ``"image"`` draws one per image, from ``generator[i]`` when a list is given (then an
+        image's crop does not depend on its batch). ``crop=False`` skips the crop (evaluation scores the whole
+        image, deterministically)."""
         if crop and self.max_crop > 0:
-            if isinstance(generator, (list, tuple)):
+            if self.crop_per == "batch":
+                if isinstance(generator, (list, tuple)):
+                    raise ValueError("CaptionScorer(crop_per='batch') draws one offset: pass one generator, not a list")
+                offsets = [torch.randint(0, self.max_crop + 1, (2,), generator=generator).tolist()] * images.shape[0]
+            elif isinstance(generator, (list, tuple)):
                 offsets = [torch.randint(0, self.max_crop + 1, (2,), generator=g).tolist() for g in generator]
             else:
                 offsets = torch.randint(0, self.max_crop + 1, (images.shape[0], 2), generator=generator).tolist()
@@ -81,7 +98,16 @@ class CaptionScorer(nn.Module):
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Caption token ids, attention mask and labels (-100 on the prefix and on padding)."""
         texts = [self.prefix + p.lower() for p in prompts]
-        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
+        if not self.truncate:
+            lengths = [len(ids) for ids in self.tokenizer(texts).input_ids]
+            too_long = [(n, p) for n, p in zip(lengths, prompts) if n > self.position_limit]
+            if too_long:
+                n, prompt = too_long[0]
+                raise InputError(
+                    f"the caption of prompt {prompt[:80]!r}... is {n} tokens, more than the captioner's {self.position_limit} "
+                    f"positions; shorten the prompt (or truncate: ConceptMatchingLoss max_caption_tokens: {self.position_limit})"
+                )
+        enc = self.tokenizer(texts, padding="longest", truncation=self.truncate, max_length=self.max_length, return_tensors="pt")
         input_ids, attention_mask = enc.input_ids, enc.attention_mask
         if self.first_token == "dec":
             input_ids = input_ids.clone()

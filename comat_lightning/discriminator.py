@@ -65,19 +65,20 @@ class LatentDiscriminator(nn.Module):
             return self.head(features.float().permute(0, 2, 3, 1)).squeeze(-1)
 
 
-def add_discriminator_lora(unet: nn.Module, rank: int, alpha: Optional[float], target_modules: list[str]) -> None:
+def add_discriminator_lora(unet: nn.Module, rank: int, alpha: Optional[float], target_modules: list[str], init: str = "gaussian") -> None:
     """Add the discriminator's adapter without changing which adapter is active or what requires grad (diffusers'
     ``add_adapter`` activates the new adapter and freezes the others)."""
     from peft import LoraConfig as PeftLoraConfig
 
     from comat_lightning.adapters import adapter_state, apply_adapter_state
+    from comat_lightning.options import peft_init
 
     previous = adapter_state(unet)
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
     with warnings.catch_warnings():  # PEFT warns that a second adapter is being added: that is the point here
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         unet.add_adapter(
-            PeftLoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), init_lora_weights=True),
+            PeftLoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), init_lora_weights=peft_init(init)),
             adapter_name=DISCRIMINATOR_ADAPTER,
         )
     apply_adapter_state(unet, previous)

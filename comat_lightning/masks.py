@@ -31,13 +31,17 @@ class MaskProvider(nn.Module):
       - phrases[b]: the lower-case noun phrases of sample b's entities, e.g. ["cat", "teddy bear"];
       - records[b]: the datamodule's record of sample b (a dict with "prompt" and any JSONL fields);
       - returns masks[b][i]: a float32 (H', W') tensor with values in [0, 1] on the images' device (the loss
-        resizes it to each attention map), or None = not found (the loss skips that entity).
+        resizes it to each attention map), or None = no mask. What None means is the provider's
+        ``missing_means_absent``: True for a detector (the object was looked for in the image and not found; the
+        official CoMat code then trains towards an all-zero mask), False for masks given with the data (none was
+        given: there is nothing to train towards).
 
     Providers are frozen tools: they run under ``torch.no_grad()``, their parameters never require grad and they
     stay in eval mode even when Lightning calls ``module.train()`` on the LightningModule that holds them.
     """
 
     needs_images: bool = True  # False for providers that read masks from the data
+    missing_means_absent: bool = True  # a None mask: the object was not found in the image (False: no mask given)
 
     def __init__(self) -> None:
         super().__init__()
@@ -252,6 +256,7 @@ class JsonlMasks(MaskProvider):
     them to each attention map)."""
 
     needs_images = False
+    missing_means_absent = False  # a phrase without a mask in the record was simply not given one
 
     def __init__(self, field: str = "masks", root: Optional[str] = None) -> None:
         super().__init__()

@@ -42,12 +42,14 @@ class ModelLoading:
         elif self._trainer is None or self.trainer.state.fn != "predict":  # sampling the base: no empty adapter
             from peft import LoraConfig as PeftLoraConfig
 
+            from comat_lightning.options import peft_init
+
             unet.add_adapter(
                 PeftLoraConfig(
                     r=self.lora.rank,
                     lora_alpha=self.lora.alpha or self.lora.rank,
                     target_modules=list(self.lora.target_modules),
-                    init_lora_weights=True,  # B = 0: training starts exactly at the base model
+                    init_lora_weights=peft_init(self.lora.init),  # B = 0: training starts exactly at the base model
                 )
             )
         if self.gradient_checkpointing:

@@ -27,6 +27,9 @@ class SamplerConfig:
     detach_unet_input: bool = False  # True = SDXL official (UNet input detached at gradient steps)
 
 
+LoraInit = Literal["gaussian", "kaiming"]
+
+
 @dataclass
 class LoraConfig:
     """LoRA on the online UNet. alpha = rank gives scale 1.0, as the paper."""
@@ -34,6 +37,14 @@ class LoraConfig:
     rank: int = 128
     alpha: Optional[float] = None  # None: same as rank
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # B = 0 either way (training starts at the base model); A ~ N(0, 1/rank) as the official code's diffusers
+    # LoRALinearLayer ("gaussian"), or kaiming-uniform as PEFT's default and the LoRA paper's code ("kaiming").
+    init: LoraInit = "gaussian"
+
+
+def peft_init(init: "LoraInit"):
+    """PEFT's ``init_lora_weights`` value for a :class:`LoraConfig` ``init``."""
+    return "gaussian" if init == "gaussian" else True
 
 
 OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
@@ -136,6 +147,8 @@ def check_options(sampler: SamplerConfig, gradient_steps: GradientStepPolicy, lo
         problems.append(f"model.lora.alpha={lora.alpha}: must be a finite number > 0 (or null: the rank)")
     if finetune == "lora" and not lora.target_modules:
         problems.append("model.lora.target_modules: empty; name at least one module (e.g. to_q)")
+    if finetune == "lora" and lora.init not in ("gaussian", "kaiming"):
+        problems.append(f"model.lora.init={lora.init!r}: expected 'gaussian' (official) or 'kaiming'")
     if not optimizer.lr > 0:
         problems.append(f"model.optimizer.lr={optimizer.lr}: must be > 0")
     if optimizer.grad_clip is not None and not optimizer.grad_clip > 0:

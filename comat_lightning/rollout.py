@@ -42,13 +42,21 @@ class GradientStepPolicy(ABC):
 
 
 class EvenlySpacedSteps(GradientStepPolicy):
-    """CoMat: K steps ``interval = num_steps // K`` apart, starting at a random phase
-    ``s`` in ``[0, num_steps - interval * (K - 1) - 1]``. 50 steps, K=5: interval 10, s in [0, 9]."""
+    """CoMat: steps ``interval = num_steps // K`` apart, starting at a random phase
+    ``s`` in ``[0, num_steps - interval * (K - 1) - 1]``. 50 steps, K=5: interval 10, s in [0, 9].
 
-    def __init__(self, num_gradient_steps: int = 5):
+    Args:
+        num_gradient_steps: K.
+        fill_to_end: True (official ``range(s, num_steps, interval)``): every interval-th step from the phase to the
+            end, which is K steps when K divides the step count (50 / 5) and can be K + 1 otherwise (50 steps, K=3,
+            s=0: [0, 16, 32, 48]); False: exactly K steps (memory is then bounded by K whatever the step count).
+    """
+
+    def __init__(self, num_gradient_steps: int = 5, fill_to_end: bool = True):
         if num_gradient_steps < 1:
             raise InputError(f"EvenlySpacedSteps: num_gradient_steps must be >= 1, got {num_gradient_steps}")
         self.num_gradient_steps = num_gradient_steps
+        self.fill_to_end = bool(fill_to_end)
 
     def select(self, num_steps: int, generator: torch.Generator) -> list[int]:
         k = self.num_gradient_steps
@@ -56,6 +64,8 @@ class EvenlySpacedSteps(GradientStepPolicy):
             raise InputError(f"EvenlySpacedSteps: num_gradient_steps={k} exceeds num_inference_steps={num_steps}")
         interval = num_steps // k
         phase = self._randint(0, num_steps - interval * (k - 1) - 1, generator)
+        if self.fill_to_end:
+            return list(range(phase, num_steps, interval))
         return [phase + i * interval for i in range(k)]
 
 

@@ -73,7 +73,8 @@ class RolloutSampling:
         images = self.decode(latents) if (self.needs.decoded_image if decode is None else decode) else None
         attention = store if self.needs.attention is not None else None
         return GeneratedBatch(
-            prompts=prompts, latents=latents, images=images, batch=batch, generators=generators, attention=attention, seeds=seeds
+            prompts=prompts, latents=latents, images=images, batch=batch, generators=generators, attention=attention, seeds=seeds,
+            batch_seed=seed,
         )
 
     def sample(

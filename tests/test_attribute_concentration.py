@@ -10,12 +10,15 @@ import torch.nn.functional as F
 
 from callbacks.attribute_concentration import (
     AttributeConcentrationLoss,
+    EntityTerm,
     entity_losses,
     keep_trainable_entities,
+    normalized_sums,
     pixel_loss,
     resize_mask,
     token_loss,
 )
+from comat_lightning.masks import MaskProvider
 
 
 def _maps(probs_for_token: torch.Tensor, tokens: int = 5, position: int = 2) -> torch.Tensor:
@@ -76,15 +79,72 @@ def test_resize_mask_is_the_covered_fraction():
     torch.testing.assert_close(small, torch.tensor([0.5, 0.0, 0.0, 0.0]))
 
 
-def test_entity_losses_layer_reduction_and_resolution_average():
-    maps8 = torch.full((2, 1, 64, 5), 0.2)  # two layers at 8x8
-    maps4 = torch.full((1, 1, 16, 5), 0.2)  # one layer at 4x4
+def test_official_mask_resize_grows_the_mask_on_a_hand_computed_4x4():
+    """torchvision's antialiased bilinear 4 -> 2 is a triangle filter of radius 2 input pixels around each output
+    centre (input coordinates 1.0 and 3.0), so input row/column 2 (centre 2.5) lies inside both output cells'
+    support: one inside pixel at (2, 2) marks all four 2x2 cells; the area average marks only the cell it is in."""
+    mask = torch.zeros(4, 4)
+    mask[2, 2] = 1
+    assert resize_mask(mask, 2, "bilinear_nonzero").tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert resize_mask(mask, 2, "area").tolist() == [0.0, 0.0, 0.0, 0.25]
+    # pixel (0, 0), centre 0.5: 0.5 from output centre 1.0, 2.5 from 3.0 (beyond the radius): the top-left cell only
+    corner = torch.zeros(4, 4)
+    corner[0, 0] = 1
+    assert resize_mask(corner, 2, "bilinear_nonzero").tolist() == [1.0, 0.0, 0.0, 0.0]
+    # pixel (0, 3): the top-right cell only (row 0 is 2.5 from the lower centre; column 3 is 2.5 from the left one)
+    edge = torch.zeros(4, 4)
+    edge[0, 3] = 1
+    assert resize_mask(edge, 2, "bilinear_nonzero").tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_official_mask_resize_matches_torchvision_resize_when_it_imports():
+    """Where torchvision imports (not on the build machine: see NOTES.md), its Resize is the official op."""
+    transforms = pytest.importorskip("torchvision.transforms", exc_type=ImportError)
+    torch.manual_seed(0)
+    mask = torch.rand(1, 1, 40, 40) > 0.9
+    theirs = (transforms.Resize((8, 8), antialias=True)(mask.float()) > 0).float().flatten()
+    torch.testing.assert_close(resize_mask(mask[0, 0].float(), 8, "bilinear_nonzero"), theirs)
+
+
+def test_entity_losses_sum_layers_and_groups():
+    maps8 = torch.full((2, 1, 64, 5), 0.2)  # two layers at 8x8 (one group)
+    maps4 = torch.full((1, 1, 16, 5), 0.2)  # one layer at 4x4 (another group)
     mask = torch.zeros(8, 8)
-    mask[:, :4] = 1  # half the image
-    token_mean, pixel = entity_losses({8: maps8, 4: maps4}, [2], mask, "mean")
-    token_sum, _ = entity_losses({8: maps8, 4: maps4}, [2], mask, "sum")
+    mask[:, :4] = 1  # the left half
+    groups = {("up", 8): maps8, ("mid", 4): maps4}
+    token_mean, pixel = entity_losses(groups, [2], mask, "mean", "area")
+    token_sum, _ = entity_losses(groups, [2], mask, "sum", "area")
     assert token_mean.item() == pytest.approx(0.25) and token_sum.item() == pytest.approx(0.75)
-    assert pixel.item() == pytest.approx(-(math.log(0.2) + math.log(0.8)) / 2, rel=1e-6)
+    # one BCE per group, summed: 2 groups x -(log 0.2 + log 0.8) / 2
+    half = -(math.log(0.2) + math.log(0.8)) / 2
+    assert pixel.item() == pytest.approx(2 * half, rel=1e-6)
+    # bilinear_nonzero: at side 8 the mask is copied; at side 4 column 2 (centre 5.0 in input pixels) reaches input
+    # column 3 (centre 3.5): 3 of 4 columns inside -> token (1 - 0.75)^2, pixel -(0.75 log 0.2 + 0.25 log 0.8)
+    token_grown, pixel_grown = entity_losses(groups, [2], mask, "sum", "bilinear_nonzero")
+    assert token_grown.item() == pytest.approx(0.25 + 0.25 + 0.0625)
+    assert pixel_grown.item() == pytest.approx(half - (0.75 * math.log(0.2) + 0.25 * math.log(0.8)), rel=1e-6)
+
+
+def test_zero_mask_loss_is_one_per_token_and_layer_and_bce_against_nothing():
+    """The official code's value for an entity its detector missed: nothing inside the mask, so every token of every
+    layer scores (1 - 0)^2 = 1 (constant: no gradient), and the pixel BCE pushes the map to zero everywhere."""
+    maps = torch.full((3, 2, 16, 5), 0.2, requires_grad=True)  # 3 layers, 2 heads, 4x4, uniform
+    token, pixel = entity_losses({("up", 4): maps}, [1, 3], torch.zeros(1, 1), "sum", "bilinear_nonzero")
+    assert token.item() == pytest.approx(3.0)  # 3 layers x mean over 2 tokens of 1
+    assert pixel.item() == pytest.approx(-math.log(1 - 0.4), rel=1e-6)  # the entity map is 0.2 + 0.2 = 0.4
+    (grad,) = torch.autograd.grad(token + pixel, maps)
+    assert grad[..., [1, 3]].gt(0).all() and grad[..., [0, 2, 4]].eq(0).all()  # pixel term only: lower the entity map
+
+
+def test_normalization_per_sample_counts_a_sample_without_entities():
+    """Batch of 3: sample 0 has entities with token losses 1 and 3, sample 2 one with 6, sample 1 none.
+    per_sample (official): (mean(1, 3) + 6) / 3 = 8 / 3; per_entity: (1 + 3 + 6) / 3 = 10 / 3."""
+    terms = [EntityTerm(0, torch.tensor(1.0), torch.tensor(10.0)), EntityTerm(0, torch.tensor(3.0), torch.tensor(20.0)),
+             EntityTerm(2, torch.tensor(6.0), torch.tensor(30.0))]  # fmt: skip
+    token, pixel, count = normalized_sums(terms, 3, "per_sample")
+    assert (token / count).item() == pytest.approx(8 / 3) and (pixel / count).item() == pytest.approx((15 + 30) / 3)
+    token, pixel, count = normalized_sums(terms, 3, "per_entity")
+    assert (token / count).item() == pytest.approx(10 / 3) and (pixel / count).item() == pytest.approx(60 / 3)
 
 
 def test_duplicate_nouns_and_background_words_are_dropped():
@@ -98,6 +158,42 @@ def test_duplicate_nouns_and_background_words_are_dropped():
         [aligned("car", 1), aligned("car", 5), aligned("sky", 9), aligned("cat", 12)], frozenset({"sky"})
     )
     assert [e.entity.noun.text for e in kept] == ["cat"]
+
+
+def test_official_entity_filters():
+    """The official code's filters: at most 2 attributes, duplicates judged on the noun, and its background list
+    also matched without the noun's last letter ("walls" -> "wall", but also "seat" -> "sea")."""
+    from callbacks.attribute_concentration import OFFICIAL_BACKGROUND_WORDS
+    from comat_lightning.prompt_parsing import Entity, Word
+    from comat_lightning.token_alignment import AlignedEntity
+
+    def aligned(noun, *attributes, compounds=()):
+        words = tuple(Word(a, 0) for a in attributes)
+        entity = Entity(noun=Word(noun, 50), attributes=words, compounds=tuple(w for w in words if w.text in compounds))
+        return AlignedEntity(entity=entity, noun_positions=(5,), attribute_positions=(1,))
+
+    official = frozenset(OFFICIAL_BACKGROUND_WORDS)
+    entities = [aligned("walls", "white"), aligned("seat", "red"), aligned("car", "big", "red", "shiny"), aligned("dog", "brown")]
+    kept = keep_trainable_entities(entities, official, "noun", official_plural_rule=True, max_attributes=2)
+    assert [e.entity.noun.text for e in kept] == ["dog"]
+    kept = keep_trainable_entities(entities, official, "noun", official_plural_rule=False, max_attributes=None)
+    assert [e.entity.noun.text for e in kept] == ["walls", "seat", "car", "dog"]  # "walls" is not in the list itself
+    # "a teddy bear and a brown bear": the official noun-only phrase makes them duplicates; noun phrases do not
+    bears = [aligned("bear", "teddy", compounds=("teddy",)), aligned("bear", "brown")]
+    assert keep_trainable_entities(bears, official, "noun") == []
+    assert len(keep_trainable_entities(bears, official, "noun_phrase")) == 2
+
+
+def test_zero_mask_is_refused_for_masks_given_with_the_data():
+    from comat_lightning.errors import InputError
+    from comat_lightning.masks import JsonlMasks
+
+    with pytest.raises(InputError, match=r"missed_entities='zero_mask' .*JsonlMasks .*use missed_entities: skip"):
+        AttributeConcentrationLoss(masks=JsonlMasks(), missed_entities="zero_mask")
+    assert AttributeConcentrationLoss(masks=JsonlMasks()).missed_entities == "skip"
+    assert AttributeConcentrationLoss().missed_entities == "zero_mask"  # GroundedSAMMasks: a detector
+    with pytest.raises(InputError, match=r"normalization must be one of 'per_sample', 'per_entity', got 'per_samples' \(did you mean 'per_sample'\?\)"):
+        AttributeConcentrationLoss(masks=JsonlMasks(), normalization="per_samples")
 
 
 # ------------------------------------------------------------------------------------------ with the tiny model
@@ -130,7 +226,7 @@ def _generate(module, batch, seed=0):
 
 
 def test_gradient_reaches_lora_through_the_maps_only(tiny_paths):
-    loss, module = _loss_and_module(tiny_paths)
+    loss, module = _loss_and_module(tiny_paths, capture_with_replacement=False)  # always 2 distinct steps
     assert module.needs.decoded_image is False  # JsonlMasks needs no pixels: no VAE decode at all
     batch = {"prompt": ["a red car and a blue bus"], "masks": [{"car": LEFT, "bus": RIGHT}]}
     generated = _generate(module, batch)
@@ -146,7 +242,7 @@ def test_gradient_reaches_lora_through_the_maps_only(tiny_paths):
 
 
 def test_missed_entities_are_skipped_counted_and_the_mean_is_over_contributors(tiny_paths):
-    loss, module = _loss_and_module(tiny_paths)
+    loss, module = _loss_and_module(tiny_paths, normalization="per_entity", missed_entities="skip", mask_resize="area")
     batch = {
         "prompt": ["a red car and a blue bus", "a black cat and a white dog"],
         "masks": [{"car": LEFT, "bus": RIGHT}, {"cat": LEFT}],  # no mask for the dog
@@ -155,27 +251,123 @@ def test_missed_entities_are_skipped_counted_and_the_mean_is_over_contributors(t
         generated = _generate(module, batch, seed=4)
         value, logs = loss.compute(module, generated)
     assert logs["entities"].item() == 3 and logs["missed"].item() == 1
-    # Recompute from the stored maps: mean over the three contributing entities (the dog contributes nothing).
-    from callbacks.attribute_concentration import _stack_by_resolution
+    # Recompute from the stored maps: mean over the three contributing entities (the dog contributes nothing) of
+    # the sums over the captured steps.
     from comat_lightning.masks import rle_decode
 
-    tokenizer = module.backbone.tokenizers[0]
-    records = generated.records()
     expected_token, expected_pixel = [], []
     for b, noun, rle in [(0, "car", LEFT), (0, "bus", RIGHT), (1, "cat", LEFT)]:
-        (entity,) = [e for e in loss.trainable_entities(records[b], tokenizer) if e.entity.noun.text == noun]
+        positions = _positions(loss, module, generated.records()[b], noun)
         mask = torch.from_numpy(rle_decode(rle)).float()
-        per_step = [
-            entity_losses({s: m[:, b] for s, m in _stack_by_resolution(generated.attention, step, loss.selection).items()},
-                          list(entity.positions), mask, "mean")
-            for step in generated.attention.steps
-        ]  # fmt: skip
-        expected_token.append(sum(t for t, _ in per_step) / len(per_step))
-        expected_pixel.append(sum(p for _, p in per_step) / len(per_step))
+        per_step = [entity_losses(_sample_groups(generated, loss, step, b), positions, mask, "sum", "area") for step in generated.attention.steps]
+        expected_token.append(sum(t for t, _ in per_step))
+        expected_pixel.append(sum(p for _, p in per_step))
     token, pixel = sum(expected_token) / 3, sum(expected_pixel) / 3
     torch.testing.assert_close(logs["token"], token)
     torch.testing.assert_close(logs["pixel"], pixel)
     torch.testing.assert_close(value, 1e-3 * token + 5e-5 * pixel)
+
+
+def _positions(loss, module, record, noun):
+    (entity,) = [e for e in loss.trainable_entities(record, module.backbone.tokenizers[0]) if e.entity.noun.text == noun]
+    return list(entity.positions)
+
+
+def _sample_groups(generated, loss, step, b):
+    from callbacks.attribute_concentration import _stack_by_group
+
+    return {key: m[:, b] for key, m in _stack_by_group(generated.attention, step, loss.selection, loss.pixel_layer_groups).items()}
+
+
+class _GivenMasks(MaskProvider):
+    """A detector-like provider (a missing mask = the object was not found) that returns fixed masks by phrase, so
+    that the official formulas can be fed exactly the masks our loss sees."""
+
+    needs_images = False
+
+    def __init__(self, by_phrase: dict[str, torch.Tensor]):
+        super().__init__()
+        self.by_phrase = by_phrase
+
+    def forward(self, images, phrases, records):
+        return [[self.by_phrase.get(p) for p in sample] for sample in phrases]
+
+
+def _official_reference(store, steps, samples, batch_size):
+    """The official attribute concentration loss, written from its formulas (attn_utils/tc_loss_utils.py
+    get_grounding_loss_by_layer and attr_concen_utils/gsam_interface.py get_mask_loss at 5eadcce) in their loop
+    form, independently of our vectorised code. samples[b] = list of (token positions, (H, W) mask or None)."""
+    token_total, pixel_total = 0.0, 0.0
+    for b, entities in enumerate(samples):
+        if not entities:
+            continue
+        for step in steps:
+            groups: dict = {}
+            for name, probs in store.maps[step].items():  # per layer: (B, heads, HW, T)
+                layer = store.layers[name]
+                groups.setdefault(f"{layer.block}_{layer.resolution}", []).append((layer.resolution, probs[b]))
+            for key, layers in groups.items():
+                res = layers[0][0]
+                masks = []
+                for _, mask in entities:  # torchvision Resize((res, res), antialias=True), then > 0
+                    full = torch.zeros(1, 1, 8, 8) if mask is None else mask[None, None].float()
+                    masks.append((F.interpolate(full, size=(res, res), mode="bilinear", antialias=True) > 0).float()[0])
+                token_loss_value = 0.0
+                for _, probs in layers:
+                    heads = probs.shape[0]
+                    attn = probs.reshape(heads, res, res, probs.shape[-1])
+                    for (positions, _), mask in zip(entities, masks):
+                        obj = 0.0
+                        for k in positions:
+                            ca = attn[..., k]
+                            act = (ca * mask).reshape(heads, -1).sum(-1) / ca.reshape(heads, -1).sum(-1)
+                            obj = obj + (1.0 - act.mean()) ** 2
+                        token_loss_value = token_loss_value + obj / len(positions)
+                token_loss_value = token_loss_value / len(entities)
+                avg = torch.stack([p.reshape(-1, res, res, p.shape[-1]).mean(0) for _, p in layers]).mean(0)
+                pixel_loss_value = 0.0
+                for (positions, _), mask in zip(entities, masks):
+                    word = torch.stack([avg[..., k] for k in positions]).sum(0)[None]
+                    pixel_loss_value = pixel_loss_value + torch.nn.BCELoss()(word, mask)
+                pixel_loss_value = pixel_loss_value / len(entities)
+                token_total, pixel_total = token_total + token_loss_value, pixel_total + pixel_loss_value
+    return token_total / batch_size, pixel_total / batch_size
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_default_options_compute_the_official_formula(tiny_paths, family):
+    """With the recipes' (official) settings, on the same maps and masks, our loss equals the official formula:
+    masks grown by bilinear-nonzero, layer sums, mid and up groups apart, missed entities as zero masks, sums over
+    steps and groups, mean over a sample's entities, divided by the batch size (the 3rd sample has no entity).
+    Tolerance: float32 reassociation only (rtol 1e-5)."""
+    from comat_lightning.masks import rle_decode
+    from conftest import make_module
+
+    car = torch.from_numpy(rle_decode(LEFT)).float()
+    cat = torch.zeros(64, 64)
+    cat[3:30, 37:61] = 1  # a box whose edges cut map cells at every resolution (bilinear_nonzero grows it)
+    loss = AttributeConcentrationLoss(masks=_GivenMasks({"car": car, "cat": cat}))
+    assert (loss.token_layer_reduction, loss.pixel_layer_groups, loss.mask_resize, loss.normalization, loss.missed_entities) == (
+        "sum", "block_and_resolution", "bilinear_nonzero", "per_sample", "zero_mask")  # fmt: skip
+    module = make_module(tiny_paths[family], losses=[loss])
+    module.loss_modules[loss.name] = loss.build(module)
+    batch = {"prompt": ["a red car and a blue bus", "a black cat and a white dog", "two dogs"]}
+    generated = _generate(module, batch, seed=3)
+    value, logs = loss.compute(module, generated)
+    assert logs["entities"].item() == 4 and logs["missed"].item() == 2  # bus and dog: no mask, trained towards zero
+    samples = []
+    for record in generated.records():
+        entities = loss.trainable_entities(record, module.backbone.tokenizers[0])
+        samples.append([(list(e.positions), {"car": car, "cat": cat}.get(e.entity.noun.text)) for e in entities])
+    blocks = {store_layer.block for store_layer in generated.attention.layers.values()}
+    assert blocks == {"mid", "up"}  # both groups at the mid block's side are really there
+    token, pixel = _official_reference(generated.attention, generated.attention.steps, samples, batch_size=3)
+    torch.testing.assert_close(logs["token"], token.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logs["pixel"], pixel.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(value, 1e-3 * token + 5e-5 * pixel, rtol=1e-5, atol=1e-9)
+    # and the gradient reaches the LoRA through the maps
+    value.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in module.backbone.unet.named_parameters() if "lora_B" in n)
 
 
 def test_hand_written_entities_win_and_prompts_without_entities_give_no_loss(tiny_paths):

@@ -80,7 +80,7 @@ def test_published_configs_carry_the_published_hyperparameters(name, lr, batch, 
     model, trainer = cfg["model"], cfg["trainer"]
     assert model["optimizer"]["lr"] == lr and model["optimizer"]["grad_clip"] == 0.1
     assert model["optimizer"]["betas"] == [0.9, 0.999] and model["optimizer"]["weight_decay"] == 0.01
-    assert model["lora"] == {"rank": 128, "alpha": 128, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+    assert model["lora"] == {"rank": 128, "alpha": 128, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "init": "gaussian"}
     assert model["sampler"] == {
         "resolution": 512,
         "num_inference_steps": 50,
@@ -101,6 +101,8 @@ def test_published_configs_carry_the_published_hyperparameters(name, lr, batch, 
     sd15 = name == "comat_sd15"
     assert fidelity["weight"] == (1.0 if sd15 else 0.5) and fidelity["lr"] == (2e-5 if sd15 else 5e-5)
     assert fidelity["betas"] == [0.0, 0.999] and fidelity["grad_clip"] == 1.0
+    # the official SDXL run judges its latents with an SD1.5 UNet (scripts/sdxl.sh: --gan_model_arch gansd_1_5)
+    assert fidelity["discriminator_model"] == (None if sd15 else "stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
 def _train_py(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -207,3 +207,26 @@ def test_separate_discriminator_backbone_for_sdxl(tiny_paths):
     trainable = module.trainable_state_keys()
     assert any(k.startswith(f"loss_modules.{loss.name}.backbone.") and ".discriminator." in k for k in trainable)
     assert not any(".discriminator." in k for k in trainable if k.startswith("backbone."))
+
+
+@pytest.mark.parametrize("reduction, factor", [("concat_mean", 0.5), ("sum_of_means", 1.0)])
+def test_discriminator_loss_reductions_on_hand_computed_logits(tiny_paths, reduction, factor):
+    """Head weights 0, bias ln 3: every logit is ln 3, sigmoid 0.75. Fake (target 0) costs -ln 0.25 = ln 4 per pixel,
+    real (target 1) -ln 0.75. Official: one mean over [fake; real] = (ln 4 + ln 4/3) / 2; ours: their sum."""
+    import math
+
+    from comat_lightning.module import LoraConfig
+    from conftest import make_module
+
+    loss = FidelityPreservationLoss(real_latents="on_the_fly", lora_rank=4, discriminator_reduction=reduction)
+    module = make_module(tiny_paths["sd"], losses=[loss], lora=LoraConfig(rank=4))
+    head = module.loss_modules[loss.name].head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(math.log(3))
+    generated = module.generate({"prompt": ["a red car", "a cat", "a dog"]}, seed=2)
+    value, logs = loss.discriminator_loss(module, generated)
+    assert value.item() == pytest.approx(factor * (math.log(4) + math.log(4 / 3)), rel=1e-6)
+    assert logs["real_score"].item() == pytest.approx(0.75) and logs["fake_accuracy"].item() == 0.0
+    value.backward()
+    assert head.bias.grad.item() == pytest.approx(factor * 2 * ((0.75 - 0) + (0.75 - 1)) / 2, rel=1e-5)

@@ -189,3 +189,78 @@ def test_exported_lora_loads_into_diffusers_and_gives_the_same_unet(family, tiny
         base = pipe.unet(**inputs).sample
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     assert (base - ours).abs().max() > 1e-3  # the LoRA is really in effect
+
+
+OFFICIAL_MEAN, OFFICIAL_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _official_caption_loss(model, tokenizer, images, prompts, top, left, size, image_size):
+    """The official CoMat caption loss (concept_mat_utils/caption_blip.py Blip.score and the crop in
+    training_script.py at 5eadcce), written from its formulas: one crop window for the whole batch, bicubic
+    antialiased resize, CLIP mean/std, "a photography of " + prompt.lower(), no truncation, labels without the
+    prefix and padding, and BLIP's own batch loss (one mean over every scored token, label smoothing 0.1)."""
+    crop = images[:, :, top : top + size, left : left + size]
+    resized = torch.nn.functional.interpolate(crop, size=image_size, mode="bicubic", align_corners=False, antialias=True)
+    pixel_values = (resized - torch.tensor(OFFICIAL_MEAN).view(1, 3, 1, 1)) / torch.tensor(OFFICIAL_STD).view(1, 3, 1, 1)
+    enc = tokenizer(["a photography of " + p.lower() for p in prompts], padding="longest", return_tensors="pt")
+    labels = enc.input_ids.masked_fill(enc.input_ids == tokenizer.pad_token_id, -100)
+    labels[:, : len(tokenizer("a photography of").input_ids) - 1] = -100
+    model.text_decoder.label_smoothing = 0.1
+    return model(pixel_values=pixel_values, input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+
+
+def test_concept_matching_defaults_compute_the_official_loss(tiny_paths):
+    """The callback with its defaults (= the faithful recipes) on 448 px images: the official loss for one crop
+    offset shared by the batch (of the 9 offsets in [0, 448 // 224]^2, exactly one reproduces ours), the crop
+    448 - 2 = 446 px, and a long prompt scored whole. Tolerance: float32 (1e-5)."""
+    from types import SimpleNamespace
+
+    from callbacks import ConceptMatchingLoss
+    from callbacks.loss_base import GeneratedBatch
+
+    loss = ConceptMatchingLoss(captioner=tiny_paths["blip"])
+    assert (loss.label_smoothing, loss.reduction, loss.first_token, loss.crop_per, loss.max_caption_tokens) == (0.1, "token_mean", "cls", "batch", None)
+    scorer = loss.build(SimpleNamespace(sampler=SimpleNamespace(resolution=448)))
+    assert scorer.max_crop == 2 and loss.crop_pixels(512) == 2 and loss.crop_pixels(64) == 0
+    torch.testing.assert_close(scorer.mean.flatten(), torch.tensor(OFFICIAL_MEAN))
+    torch.testing.assert_close(scorer.std.flatten(), torch.tensor(OFFICIAL_STD))
+    long_prompt = " ".join(["a red car and a blue bird"] * 8)  # 56 words; the tiny BLIP has 64 positions
+    prompts = ["a red car", "A Blue Bird and a yellow flower", long_prompt]
+    images = torch.rand(3, 3, 448, 448)  # pixel noise: a one-pixel shift changes the resized image
+    module = SimpleNamespace(loss_modules={loss.name: scorer})
+    for batch_seed in (0, 1, 2):
+        generated = GeneratedBatch(prompts=prompts, latents=torch.zeros(3, 4, 56, 56), images=images, batch_seed=batch_seed)
+        with torch.no_grad():
+            ours, _ = loss.compute(module, generated)
+            references = {
+                (top, left): _official_caption_loss(scorer.model, scorer.tokenizer, images, prompts, top, left, 446, scorer.image_size)
+                for top in range(3) for left in range(3)
+            }  # fmt: skip
+        gaps = sorted((ours - ref).abs().item() for ref in references.values())
+        assert gaps[0] <= 1e-6 * ours.abs().item() and gaps[1] > 1e-4, (ours, references)  # one offset, clearly
+    whole = len(scorer.tokenizer("a photography of " + long_prompt).input_ids) - scorer.prefix_length
+    assert scorer.tokenize(prompts)["labels"].ne(-100).sum(dim=1)[2] == whole  # every token of the caption is scored
+
+
+def test_per_batch_crop_shares_one_offset_and_per_image_crops_differ(tiny_paths):
+    batch = _scorer(tiny_paths["blip"], max_crop=3, crop_per="batch")
+    per_image = _scorer(tiny_paths["blip"], max_crop=3, crop_per="image")
+    image = torch.rand(1, 3, 64, 64)
+    images = image.expand(6, 3, 64, 64)  # six copies of one image: equal crops give equal pixel values
+    shared = batch.preprocess(images, torch.Generator().manual_seed(0))
+    assert all(torch.equal(shared[0], shared[i]) for i in range(6))
+    separate = per_image.preprocess(images, [torch.Generator().manual_seed(s) for s in range(6)])
+    assert len({separate[i].sum().item() for i in range(6)}) > 1
+    with pytest.raises(ValueError, match="one generator"):
+        batch.preprocess(images, [torch.Generator()] * 6)
+
+
+def test_captions_longer_than_the_captioner_are_refused_without_truncation(tiny_paths):
+    from comat_lightning.errors import InputError
+
+    scorer = _scorer(tiny_paths["blip"])
+    limit = scorer.model.config.text_config.max_position_embeddings
+    with pytest.raises(InputError, match=rf"more than the captioner's {limit} positions.*max_caption_tokens: {limit}"):
+        scorer.tokenize(["red " * (limit + 5)])
+    truncated = _scorer(tiny_paths["blip"], max_length=16).tokenize(["red " * (limit + 5)])
+    assert truncated["input_ids"].shape[1] == 16

@@ -22,6 +22,24 @@ def test_evenly_spaced_steps_covers_every_published_phase():
     assert phases == {0, 1, 2, 3}
 
 
+def test_evenly_spaced_steps_when_k_does_not_divide_the_step_count():
+    """50 steps, K=3: interval 16, phase in [0, 50 - 32 - 1] = [0, 17]. Official range(s, 50, 16): phases 0 and 1
+    reach a 4th step (48, 49); exactly-K keeps 3. With K dividing N (50 / 5) both give the same 5 steps."""
+    official, exact = EvenlySpacedSteps(3), EvenlySpacedSteps(3, fill_to_end=False)
+    by_phase = {}
+    for seed in range(400):
+        steps = official.select(50, torch.Generator().manual_seed(seed))
+        assert steps[:3] == exact.select(50, torch.Generator().manual_seed(seed))
+        assert len(steps) == (4 if steps[0] + 48 < 50 else 3)
+        by_phase[steps[0]] = steps
+    assert set(by_phase) == set(range(18))
+    assert by_phase[0] == [0, 16, 32, 48] and by_phase[1] == [1, 17, 33, 49] and by_phase[2] == [2, 18, 34]
+    for seed in range(50):
+        assert EvenlySpacedSteps(5).select(50, torch.Generator().manual_seed(seed)) == EvenlySpacedSteps(5, fill_to_end=False).select(
+            50, torch.Generator().manual_seed(seed)
+        )
+
+
 def test_last_and_single_random_steps():
     gen = torch.Generator().manual_seed(0)
     assert LastSteps(3).select(10, gen) == [7, 8, 9]
