@@ -22,7 +22,7 @@ from torch import nn
 
 from comat_lightning.attention_capture import LayerSelection, cross_attention_layers
 from comat_lightning.errors import InputError, MissingInputFile
-from comat_lightning.tiny_zoo import TINY_MODELS, TINY_SCHEME, resolve_model_path
+from comat_lightning.tiny_zoo import SHAPES_SCHEME, TINY_SCHEME, resolve_model_path, short_name_error
 
 if TYPE_CHECKING:
     from comat_lightning.module import CoMatModule
@@ -54,9 +54,10 @@ def check_local_path(option: str, value: Optional[str], what: str = "file or fol
         return
     if not isinstance(value, str) or not value.strip():
         raise InputError(f"{option}={value!r}: expected a path or a hub id (owner/name)")
-    if value.startswith(TINY_SCHEME):
-        if value[len(TINY_SCHEME) :].strip("/") not in TINY_MODELS:
-            raise InputError(f"{option}={value!r}: unknown tiny model; expected one of {[TINY_SCHEME + m for m in TINY_MODELS]}")
+    if value.startswith((TINY_SCHEME, SHAPES_SCHEME)):
+        problem = short_name_error(value)
+        if problem:
+            raise InputError(f"{option}={value!r}: {problem}")
         return
     if looks_local(value) and not user_path(value).exists():
         raise MissingInputFile(
@@ -120,6 +121,17 @@ def read_model_layout(source: dict[str, Any]) -> Optional[ModelLayout]:
     if not isinstance(channels, (list, tuple)) or not channels:
         raise InputError(f"{where}: its VAE config has no block_out_channels list (got {channels!r})")
     return ModelLayout(where=where, unet=unet, vae_factor=2 ** (len(channels) - 1))
+
+
+def vae_geometry(pipeline: str) -> Optional[tuple[int, int]]:
+    """(image px per latent px, latent channels) of a pipeline's VAE, from its config file only; None when a hub
+    id's config cannot be read now."""
+    from diffusers import AutoencoderKL
+
+    config = _read_config(AutoencoderKL, "model.pretrained_model", pipeline, ["vae"], None)
+    if config is None or not isinstance(config.get("block_out_channels"), (list, tuple)):
+        return None
+    return 2 ** (len(config["block_out_channels"]) - 1), int(config.get("latent_channels", 4))
 
 
 def _attention_requests(module: CoMatModule, stage: str, latent_size: int) -> list[tuple[str, LayerSelection]]:

@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
@@ -83,8 +84,30 @@ def zoo_root() -> Path:
     return Path(os.environ.get("COMAT_TINY_ZOO", Path.home() / ".cache" / "comat_lightning" / "tiny_zoo"))
 
 
+# The shapes world's trained models (benchmarks/shapes/models, committed): real weights that draw and judge shapes.
+SHAPES_SCHEME = "shapes://"
+SHAPES_MODELS = ("sd", "blip")
+SHAPES_FOLDER = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes" / "models"
+
+
+def short_name_error(path: str) -> Optional[str]:
+    """Why a ``tiny://`` or ``shapes://`` name is not one (None when it is, or when ``path`` is no such name)."""
+    for kind, scheme, names in (("tiny", TINY_SCHEME, TINY_MODELS), ("shapes", SHAPES_SCHEME, SHAPES_MODELS)):
+        if path.startswith(scheme) and path[len(scheme) :].strip("/") not in names:
+            return f"unknown {kind} model; expected one of {[scheme + n for n in names]}"
+    if path.startswith(SHAPES_SCHEME) and not (SHAPES_FOLDER / path[len(SHAPES_SCHEME) :].strip("/")).is_dir():
+        return f"{SHAPES_FOLDER} holds no such model; train them with python benchmarks/shapes/train_models.py"
+    return None
+
+
 def resolve_model_path(path: str) -> str:
-    """Return ``path`` unchanged, or the folder of a ``tiny://NAME`` model (built on first use)."""
+    """Return ``path`` unchanged, the folder of a ``tiny://NAME`` model (built on first use) or of a ``shapes://NAME``
+    model (the shapes world's committed models)."""
+    if isinstance(path, str) and path.startswith(SHAPES_SCHEME):
+        problem = short_name_error(path)
+        if problem:
+            raise InputError(f"{path!r}: {problem}")
+        return str(SHAPES_FOLDER / path[len(SHAPES_SCHEME) :].strip("/"))
     if not isinstance(path, str) or not path.startswith(TINY_SCHEME):
         return path
     name = path[len(TINY_SCHEME) :].strip("/")
@@ -132,15 +155,15 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def write_clip_bpe(folder: Path) -> tuple[Path, Path]:
+def write_clip_bpe(folder: Path, words: Sequence[str] = WORDS) -> tuple[Path, Path]:
     """Write vocab.json + merges.txt of a byte-level BPE in CLIP's layout (base bytes, word-end bytes, merges,
-    specials). Each word in WORDS is built by a left-to-right chain of merges, and every intermediate piece is in
-    the vocab, so any merge result is a valid token."""
+    specials). Each word of ``words`` is built by a left-to-right chain of merges, and every intermediate piece is
+    in the vocab, so any merge result is a valid token."""
     base = list(_bytes_to_unicode().values())
     vocab: list[str] = base + [c + "</w>" for c in base]
     known = set(vocab)
     merges: list[tuple[str, str]] = []
-    for word in dict.fromkeys(WORDS):
+    for word in dict.fromkeys(words):
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         piece = symbols[0]
         for nxt in symbols[1:]:
@@ -158,33 +181,35 @@ def write_clip_bpe(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def clip_tokenizer(folder: Path, pad_token: str, model_max_length: int = 77):
-    """The hand-made CLIP BPE tokenizer, saved to ``folder`` (SD pads to ``model_max_length``: 77 in CLIP)."""
+def clip_tokenizer(folder: Path, pad_token: str, model_max_length: int = 77, words: Sequence[str] = WORDS):
+    """The hand-made CLIP BPE tokenizer over ``words``, saved to ``folder`` (SD pads to ``model_max_length``: 77 in
+    CLIP)."""
     from transformers import CLIPTokenizer
 
-    vocab_file, merges_file = write_clip_bpe(folder / "_bpe")
+    vocab_file, merges_file = write_clip_bpe(folder / "_bpe", words)
     tok = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=model_max_length, pad_token=pad_token)
     tok.save_pretrained(folder)
     shutil.rmtree(folder / "_bpe")
     return tok
 
 
-def bert_tokenizer(folder: Path):
-    """A BERT WordPiece tokenizer with BLIP's ``[DEC]`` start token; its vocab.txt is written to ``folder``."""
+def bert_tokenizer(folder: Path, words: Sequence[str] = WORDS):
+    """A BERT WordPiece tokenizer over ``words`` (others are spelled in letters) with BLIP's ``[DEC]`` start token;
+    its vocab.txt is written to ``folder``."""
     from transformers import BertTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(_bert_vocab()) + "\n")
+    vocab_file.write_text("\n".join(_bert_vocab(words)) + "\n")
     return BertTokenizer(str(vocab_file), bos_token="[DEC]", model_max_length=512)
 
 
-def _bert_vocab() -> list[str]:
+def _bert_vocab(words: Sequence[str] = WORDS) -> list[str]:
     letters = "abcdefghijklmnopqrstuvwxyz0123456789"
     punct = list(".,!?;:'\"-()/&")
     return (
         ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-        + list(dict.fromkeys(WORDS))
+        + list(dict.fromkeys(words))
         + list(letters)
         + ["##" + c for c in letters]
         + punct

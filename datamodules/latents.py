@@ -21,8 +21,8 @@ from comat_lightning.errors import InputError
 from comat_lightning.input_checks import user_path
 
 LATENTS_KEY = "latents"  # the tensor's name inside a shard
-LATENT_CHANNELS = 4  # SD 1.x / 2.x / XL VAEs
-VAE_FACTOR = 8  # image px per latent px for those VAEs
+LATENT_CHANNELS = 4  # SD 1.x / 2.x / XL VAEs (the default when the model's VAE config cannot be read)
+VAE_FACTOR = 8  # image px per latent px for those VAEs (likewise)
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
@@ -64,11 +64,14 @@ def resolve_latent_file(file: str, base: Path) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else base.absolute() / path))
 
 
-def expected_latent_shape(resolution: Optional[int]) -> Optional[tuple[int, int, int]]:
-    """Per-sample latent shape for an image resolution in px (None: not checked against a resolution)."""
+def expected_latent_shape(
+    resolution: Optional[int], vae_factor: int = VAE_FACTOR, channels: int = LATENT_CHANNELS
+) -> Optional[tuple[int, int, int]]:
+    """Per-sample latent shape for an image resolution in px and a VAE's factor and latent channels (None: not
+    checked against a resolution)."""
     if resolution is None:
         return None
-    return (LATENT_CHANNELS, resolution // VAE_FACTOR, resolution // VAE_FACTOR)
+    return (channels, resolution // vae_factor, resolution // vae_factor)
 
 
 def _read_header(path: Path) -> tuple[str, list[int]]:
@@ -91,7 +94,9 @@ def _read_header(path: Path) -> tuple[str, list[int]]:
         raise InputError(f"latent file {path} cannot be read ({err.strerror or err})") from None
 
 
-def check_latent_refs(refs: Sequence[LatentRef], expected: Optional[tuple[int, int, int]] = None) -> tuple[int, ...]:
+def check_latent_refs(
+    refs: Sequence[LatentRef], expected: Optional[tuple[int, int, int]] = None, resolution: Optional[int] = None
+) -> tuple[int, ...]:
     """Check every reference against its file's header; return the common per-sample shape.
 
     Each file is opened once. Without ``expected`` every file must still hold (n, 4, h, w) float tensors of one
@@ -109,15 +114,16 @@ def check_latent_refs(refs: Sequence[LatentRef], expected: Optional[tuple[int, i
             sample = tuple(shape[1:])
             if dtype not in _FLOAT_DTYPES:
                 raise LatentReferenceError(position, f'latent file {ref.file}: "{LATENTS_KEY}" is {dtype}, expected a float tensor')
-            if len(shape) != 4 or shape[1] != LATENT_CHANNELS:
+            channels = expected[0] if expected is not None else LATENT_CHANNELS
+            if len(shape) != 4 or shape[1] != channels:
                 raise LatentReferenceError(
-                    position, f'latent file {ref.file}: "{LATENTS_KEY}" has shape {tuple(shape)}, expected (n, {LATENT_CHANNELS}, h, w)'
+                    position, f'latent file {ref.file}: "{LATENTS_KEY}" has shape {tuple(shape)}, expected (n, {channels}, h, w)'
                 )
             if expected is not None and sample != tuple(expected):
                 raise LatentReferenceError(
                     position,
                     f"latent file {ref.file}: latents are {sample}, expected {tuple(expected)} for data.latent_resolution="
-                    f"{expected[1] * VAE_FACTOR} (latents must come from the resolution being trained)",
+                    f"{resolution} (latents must come from the model and resolution being trained)",
                 )
             if common is None:
                 common = (sample, position)

@@ -39,7 +39,9 @@ from datamodules.prompt_files import PromptFileError, read_numbered_prompt_file,
 REAL_LATENT_KEY = "real_latent"  # batch key of the stacked real latents
 
 
-def attach_latents(sources: list[tuple[Path, list[tuple[int, dict[str, Any]]]]], resolution: Optional[int]) -> list[list[dict]]:
+def attach_latents(
+    sources: list[tuple[Path, list[tuple[int, dict[str, Any]]]]], expected: Optional[tuple[int, int, int]], resolution: Optional[int] = None
+) -> list[list[dict]]:
     """Check every ``"latent"`` reference of the numbered records of each (file, records) source against its
     file's header (one read per file), and return the records with ``"latent"`` resolved to an absolute path."""
     located: list[tuple[Path, int]] = []
@@ -60,7 +62,7 @@ def attach_latents(sources: list[tuple[Path, list[tuple[int, dict[str, Any]]]]],
             records.append(record)
         out.append(records)
     try:
-        check_latent_refs(refs, expected_latent_shape(resolution))
+        check_latent_refs(refs, expected, resolution)
     except LatentReferenceError as err:
         path, line = located[err.position]
         raise PromptFileError(f"{path}:{line}: {err}") from None
@@ -198,8 +200,9 @@ class PromptDataModule(LightningDataModule):
         tokenizer_model: a pipeline (hub id or folder) whose first tokenizer sets the prompt length limit;
             prompts longer than it are truncated by the text encoder, which is reported once. Linked from
             ``model.pretrained_model`` by train.py.
-        latent_resolution: image resolution (px) the real latents must come from: each must be
-            (4, latent_resolution // 8, latent_resolution // 8). None: only (4, h, w) with one common (h, w).
+        latent_resolution: image resolution (px) the real latents must come from: each must be the latent of
+            that resolution for ``tokenizer_model``'s VAE (its config's factor and channels; SD's 8 and 4 when the
+            config cannot be read), e.g. (4, 64, 64) for SD1.5 at 512. None: only (c, h, w) with one common shape.
         predict_file: prompts for ``train.py predict`` (default: ``train_file``); records get their 0-based
             ``"index"`` in the file (image names and default seeds derive from it).
         test_file: held-out prompts for ``train.py test`` (default: the validation prompts).
@@ -239,6 +242,15 @@ class PromptDataModule(LightningDataModule):
         self.test_records: list[dict] = []
         self._locations: dict[int, tuple[dict, str]] = {}  # id(record) -> (record, "file:line")
 
+    def _expected_latent_shape(self) -> Optional[tuple[int, int, int]]:
+        """The model's latent shape at ``latent_resolution``, from its VAE config (no weights are read)."""
+        if self.latent_resolution is None:
+            return None
+        from comat_lightning.input_checks import vae_geometry
+
+        geometry = vae_geometry(self.tokenizer_model) if self.tokenizer_model else None
+        return expected_latent_shape(self.latent_resolution, *geometry) if geometry else expected_latent_shape(self.latent_resolution)
+
     def setup(self, stage: Optional[str] = None) -> None:
         # Lightning runs datamodule.setup before configure_model: every file problem fails before any model loads.
         if stage == "predict":
@@ -260,7 +272,7 @@ class PromptDataModule(LightningDataModule):
         sources = [(Path(self.train_file), read_numbered_prompt_file(self.train_file, "data.train_file"))]
         if self.val_file:
             sources.append((Path(self.val_file), read_numbered_prompt_file(self.val_file, "data.val_file")))
-        attached = attach_latents(sources, self.latent_resolution)
+        attached = attach_latents(sources, self._expected_latent_shape(), self.latent_resolution)
         for (path, numbered), source_records in zip(sources, attached):
             self._locate(path, numbered, source_records)
         records, *val = attached

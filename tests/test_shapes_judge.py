@@ -78,6 +78,8 @@ def multi(scenes, count: int = 60):
 
 def test_swapped_colours_count_as_leakage(scenes):
     for seed, things in multi(scenes):
+        if things[0].shape == things[1].shape:
+            continue  # same-shape objects: swapping their colours changes nothing
         objects = objects_of(things)
         (c0, s0), (c1, s1) = objects[:2]
         prompt = [(c1, s0), (c0, s1)] + objects[2:]
@@ -120,12 +122,12 @@ def test_object_in_an_unprompted_colour_is_wrong_colour(scenes):
 def test_random_noise_is_not_clean():
     noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     r = judge_image(noise, [("red", "circle")])
-    assert not r["clean"] and r["off_palette_pixels"] > 500 and r["correct"] == 0
+    assert not r["clean"] and r["off_palette_pixels"] > 400 and r["correct"] == 0
 
 
 def test_off_palette_colour_is_no_object():
     image = np.zeros((32, 32, 3), np.uint8)
-    image[8:20, 8:20] = (135, 55, 142)  # purple: red and blue merged
+    image[8:20, 8:20] = (0, 128, 128)  # teal: green and blue merged (>= 90 from every entry and from their blends)
     r = judge_image(image, [("red", "square")])
     assert r["detected"] == [] and r["missing"] == [("red", "square")]
     assert r["off_palette_pixels"] == 144 and not r["clean"]
@@ -138,7 +140,7 @@ BLOBS = {
     "triangle apex down": (_YS >= 6) & (_YS < 20) & (np.abs(_XS - 16) <= (20 - _YS) / 2),
     "right triangle": (_XS >= 6) & (_YS < 20) & (_XS - 6 <= _YS - 6),
     "L shape": (_XS >= 6) & (_XS < 18) & (_YS >= 6) & (_YS < 18) & ((_XS < 10) | (_YS >= 14)),
-    "plus": (np.abs(_XS - 16) < 7) & (np.abs(_YS - 16) < 7) & ((np.abs(_XS - 16) < 2) | (np.abs(_YS - 16) < 2)),
+    "diagonal cross": (np.abs(_XS - 16) < 7) & (np.abs(_YS - 16) < 7) & (np.abs(np.abs(_XS - 16) - np.abs(_YS - 16)) < 2),
 }
 
 
@@ -205,7 +207,7 @@ def test_non_rgb_inputs_are_refused(bad):
         judge_image(bad, [("red", "circle")])
 
 
-@pytest.mark.parametrize("objects", [[], [("purple", "circle")], [("red", "hexagon")], ["red circle"]])
+@pytest.mark.parametrize("objects", [[], [("orange", "circle")], [("red", "hexagon")], ["red circle"]])
 def test_bad_prompt_objects_are_refused(objects):
     with pytest.raises(ValueError):
         judge_image(np.zeros((32, 32, 3), np.uint8), objects)

@@ -8,24 +8,29 @@ Pipeline and thresholds (all at 32 px):
 * **Input.** A uint8 (H, W, 3) array, an RGB PIL image or a path to one; anything else (greyscale, RGBA, palette
   mode, float arrays) is a ValueError. Other sizes are resized to 32x32 with PIL's BOX filter (area averaging:
   a 64 px image becomes the mean of 2x2 blocks, which also averages away a generator's pixel noise).
-* **Colour.** Each pixel takes the nearest of background + the 5 palette colours by RGB distance. It is
-  *off-palette* when that distance exceeds ``OFF_PALETTE_DISTANCE`` = 60: the 6 entries are >= 190 apart, so
+* **Colour.** Each pixel takes the nearest of background + the 6 palette colours by RGB distance. It is
+  *off-palette* when that distance exceeds ``OFF_PALETTE_DISTANCE`` = 60: the 7 entries are >= 165 apart, so
   60 keeps noise of sigma 8/channel (norm ~14, rarely > 40) inside and flags mixed colours (the midpoint of two
   entries is >= 95 from both). Exception, the *rim*: an off-palette pixel within 60 of a blend background +
   t * (colour - background), with an on-palette pixel among its 8 neighbours, is what blurring or anti-aliasing a
   shape's edge gives; it takes the colour if t >= 0.5 (else background) and is not counted (its nearest entry
   is arbitrary: half-dimmed white is nearer green than black). Other off-palette pixels belong to no object.
 * **Objects.** 8-connected components of each colour (objects in this world are >= 2 px apart, so 8-connectivity
-  never merges two of them but keeps thin diagonal triangle edges in one piece). Components under ``MIN_AREA``
-  = 12 px are noise (*stray* pixels); the smallest object (an 8 px triangle) covers 32 px, 28 when blurred.
+  never merges two of them but keeps thin diagonal triangle edges in one piece; two objects of one scene never
+  share a colour). Components under ``MIN_AREA`` = 12 px are noise (*stray* pixels); the smallest objects (8 px
+  triangles and crosses) cover 28-32 px.
 * **Shape** from the component's bounding box after trimming a one-row sliver (an edge row or column with <= 1/4
   of the next one's pixels: noise stuck to a side). None (not compact, skewed, a ring) if max(h,w)/min(h,w) > 1.6,
   the IoU with its mirror image about its centroid column < 0.6 (rendered 1, 3x3-blurred >= 0.82) or enclosed
   holes > 10% of the area. *fill* = area / (h*w); *taper* = pixels in the top half of the rows / in the bottom
-  half. Triangle (apex up: rows widen downwards; rendered: taper 0.29-0.40, fill 0.50-0.57; blurred: taper <= 0.65,
-  fill <= 0.81): taper < 0.75 and 0.3 <= fill <= 0.85. Otherwise taper in [0.8, 1.25] (rendered 1.0, blurred
-  0.92-1.09) and square: fill >= 0.91 (rendered 1, blurred >= 0.94), circle: 0.68 <= fill <= 0.89 (rendered
-  0.78-0.85, blurred >= 0.74). Anything else is None (an unrecognised blob).
+  half; *corners* = the filled share of the box's four k x k corners (k = min(h, w) / 4); *arms* = the mean
+  width of the outer quarter rows and columns over the widest row and column (a cross's arms are a third wide).
+  Cross: corners <= 0.3 and arms + fill / 2 <= 0.83 (measured on 320 renders per shape at sizes 8-15: rendered
+  crosses 0.47-0.72, blurred with noise sigma 8-12 <= 0.82; circles >= 0.85). Triangle (apex up: rows widen
+  downwards; rendered: taper 0.29-0.40, fill 0.50-0.57; blurred: taper <= 0.67, fill <= 0.83): taper < 0.75 and
+  0.3 <= fill <= 0.85. Otherwise taper in [0.8, 1.25] (rendered 1.0, blurred 0.92-1.09) and square: fill >= 0.91
+  (rendered 1, blurred >= 0.94), circle: 0.68 <= fill <= 0.89 (rendered 0.78-0.85, blurred >= 0.74). Anything
+  else is None (an unrecognised blob).
 
 ``judge_image(image, objects)`` returns ``detected`` (every component >= MIN_AREA, largest first, as (colour,
 shape or None, area, (x0, y0, x1, y1) end-exclusive)), ``n_objects``, ``unrecognised`` (components with shape
@@ -61,6 +66,8 @@ MAX_ASPECT = 1.6
 MAX_HOLE_FRACTION = 0.1
 MIN_SYMMETRY = 0.6
 CLEAN_FRACTION = 0.03
+CROSS_MAX_CORNERS = 0.3
+CROSS_MAX_SCORE = 0.83
 
 _ENTRIES = np.array([BACKGROUND] + [PALETTE[c] for c in COLOURS], np.float64)  # label 0: background, k: COLOURS[k-1]
 _STEPS4 = ((-1, 0), (1, 0), (0, -1), (0, 1))
@@ -145,11 +152,11 @@ def _trim(mask: np.ndarray) -> np.ndarray:
 
 
 def classify_shape(mask: np.ndarray) -> str | None:
-    """"circle", "square", "triangle" (apex up) or None for a component cropped to its bounding box."""
+    """"circle", "square", "triangle" (apex up), "cross" or None for a component cropped to its bounding box."""
     mask = _trim(mask)
     h, w = mask.shape
     area = int(mask.sum())
-    # All three shapes are left-right symmetric (an L, a skewed or right triangle is not): mirror x -> 2c - x about
+    # All four shapes are left-right symmetric (an L, a skewed or right triangle is not): mirror x -> 2c - x about
     # the centroid column c (to the nearest half pixel, so a noise pixel widening the box does not shift the axis).
     d = int(round(2 * np.nonzero(mask)[1].mean())) - (w - 1)  # the mirror is mask[:, ::-1] shifted d columns right
     overlap = (mask[:, max(d, 0) : w + min(d, 0)] & mask[:, ::-1][:, max(-d, 0) : w - max(d, 0)]).sum()
@@ -164,6 +171,12 @@ def classify_shape(mask: np.ndarray) -> str | None:
     fill = area / (h * w)
     rows = mask.sum(1)
     taper = rows[: h // 2].sum() / max(rows[h - h // 2 :].sum(), 1)  # the middle row of an odd height is skipped
+    k = max(1, round(min(h, w) / 4))  # the four k x k corners of the box: empty in a cross, full in a square
+    corners = (mask[:k, :k].sum() + mask[:k, -k:].sum() + mask[-k:, :k].sum() + mask[-k:, -k:].sum()) / (4 * k * k)
+    cols, t, u = mask.sum(0), max(1, h // 4), max(1, w // 4)
+    arms = (rows[:t].mean() + rows[-t:].mean() + cols[:u].mean() + cols[-u:].mean()) / (2 * (rows.max() + cols.max()))
+    if corners <= CROSS_MAX_CORNERS and arms + fill / 2 <= CROSS_MAX_SCORE:
+        return "cross"
     if taper < 0.75 and 0.3 <= fill <= 0.85:
         return "triangle"
     if 0.8 <= taper <= 1.25:
@@ -174,10 +187,11 @@ def classify_shape(mask: np.ndarray) -> str | None:
     return None
 
 
-def detect(image) -> tuple[list[tuple], int, int]:
-    """(detected objects as in judge_image, stray pixels, off-palette pixels)."""
+def segment_objects(image) -> tuple[list[tuple], int, int]:
+    """(objects, stray pixels, off-palette pixels); objects = every component >= MIN_AREA, largest first, as
+    (colour, shape or None, area, (x0, y0, x1, y1) end-exclusive, (n, 2) pixel coordinates (y, x))."""
     labels = segment(load_image(image))
-    detected, stray = [], 0
+    found, stray = [], 0
     for k, colour in enumerate(COLOURS, start=1):
         for pixels in components(labels == k):
             if len(pixels) < MIN_AREA:
@@ -186,9 +200,15 @@ def detect(image) -> tuple[list[tuple], int, int]:
             (y0, x0), (y1, x1) = pixels.min(0), pixels.max(0) + 1
             crop = np.zeros((y1 - y0, x1 - x0), bool)
             crop[pixels[:, 0] - y0, pixels[:, 1] - x0] = True
-            detected.append((colour, classify_shape(crop), len(pixels), (int(x0), int(y0), int(x1), int(y1))))
-    detected.sort(key=lambda d: -d[2])
-    return detected, stray, int((labels == -1).sum())
+            found.append((colour, classify_shape(crop), len(pixels), (int(x0), int(y0), int(x1), int(y1)), pixels))
+    found.sort(key=lambda d: -d[2])
+    return found, stray, int((labels == -1).sum())
+
+
+def detect(image) -> tuple[list[tuple], int, int]:
+    """(detected objects as in judge_image, stray pixels, off-palette pixels)."""
+    found, stray, off_palette = segment_objects(image)
+    return [d[:4] for d in found], stray, off_palette
 
 
 def judge_image(image, objects) -> dict:

@@ -1,14 +1,18 @@
-"""The shapes world: 32 px images of 1-3 flat shapes on black, with captions like "a red circle and a blue square".
+"""The shapes world (v2): 32 px images of 1-3 flat shapes on black, captioned "a red circle and a blue square".
+
+6 colours x 4 shapes = 24 kinds of object. Objects in one scene have distinct colours; their shapes may repeat
+("a red circle and a blue circle": the hardest binding case, where the nouns cannot tell the objects apart and
+only the colour words can). Images are 32 px and the world's VAE halves them, so latents and the finest
+cross-attention maps are 16x16, as Stable Diffusion 1.5's 16x16 maps at 512 px that A&E and A-STAR read.
 
 Everything is a pure function of a seed (``numpy.random.Generator``), so every dataset, prompt file and layout
-mask in the benchmark can be regenerated exactly. Objects in one scene have distinct shapes and distinct colours,
-so a prompt names each object by its shape alone ("the circle"): that is what lets attention-mask losses and
-guidance address each object by its noun, as they would "dog" and "cat" in a real prompt.
+mask in the benchmark can be regenerated exactly.
 
-Compositions are the unit of generalisation: a *pair* is an unordered set of two (colour, shape) objects, e.g.
-{red circle, blue square}. :func:`composition_splits` fixes which pairs the base model may see in training, which
-the fine-tuning prompts use, which are for choosing settings (val) and which are held out for the benchmark
-(test): the four sets are disjoint, so the benchmark's prompts are compositions no model was trained on.
+Compositions are the unit of generalisation: a *pair* is an unordered set of two (colour, shape) objects of
+different colours, e.g. {red circle, blue square}: 240 of them. :func:`composition_splits` fixes which pairs the
+base model sees in training (``base``, 10%), which CoMat's fine-tuning prompts use (``train``, 144), which are for
+choosing settings (``val``, 24) and which are held out for the benchmark (``test``, 48): the four sets are
+disjoint, so the benchmark's prompts are compositions neither the base model nor the fine-tune was trained on.
 
 The renderer is the world's ground truth; the judge (``judge.py``) shares only the palette with it.
 """
@@ -22,17 +26,20 @@ import numpy as np
 
 IMAGE_SIZE = 32
 BACKGROUND = (0, 0, 0)
-# Colours far apart in RGB (>= 150 apart pairwise) so that a blurred pixel still has an unambiguous nearest colour.
+# Colours far apart in RGB (>= 165 apart pairwise, >= 240 from the background) so that a blurred pixel still has an
+# unambiguous nearest colour.
 PALETTE = {
     "red": (230, 30, 30),
     "green": (30, 200, 50),
     "blue": (40, 80, 255),
     "yellow": (240, 220, 30),
     "white": (245, 245, 245),
+    "purple": (200, 40, 220),
 }
 COLOURS = tuple(PALETTE)
-SHAPES = ("circle", "square", "triangle")
-OBJECT_TYPES = tuple(itertools.product(COLOURS, SHAPES))  # 15 (colour, shape) objects
+SHAPES = ("circle", "square", "triangle", "cross")
+OBJECT_TYPES = tuple(itertools.product(COLOURS, SHAPES))  # 24 (colour, shape) objects
+WORDS = ("a", "and", *COLOURS, *SHAPES)  # the captions' whole vocabulary
 SIZE_RANGE = {1: (10, 15), 2: (9, 13), 3: (8, 11)}  # object size (px) by the number of objects in the scene
 GAP = 2  # px between objects' bounding boxes, so no two objects touch
 
@@ -51,23 +58,32 @@ class Thing:
 
 
 def pair_compositions() -> list[frozenset]:
-    """All 60 two-object compositions: two distinct shapes, two distinct colours."""
-    pairs = []
-    for (c1, s1), (c2, s2) in itertools.combinations(OBJECT_TYPES, 2):
-        if c1 != c2 and s1 != s2:
-            pairs.append(frozenset({(c1, s1), (c2, s2)}))
-    return pairs
+    """All 240 two-object compositions: two objects of different colours (60 of them share the shape)."""
+    return [frozenset({a, b}) for a, b in itertools.combinations(OBJECT_TYPES, 2) if a[0] != b[0]]
+
+
+SPLIT_SIZES = {"test": 48, "val": 24, "base": 24}  # the rest (144) is "train"
 
 
 def composition_splits(seed: int = 0) -> dict[str, list[tuple[tuple[str, str], ...]]]:
-    """Disjoint pair splits: ``base`` (may appear in the base model's few multi-object scenes), ``train`` (CoMat's
+    """Disjoint pair splits: ``base`` (the only pairs in the base model's multi-object scenes), ``train`` (CoMat's
     fine-tuning prompts), ``val`` (for choosing settings), ``test`` (held out: the benchmark). Fine-tuning prompts
     are also unseen by the base model, as in the paper, where CoMat's prompts are not the base's training captions.
+    Same-shape and different-shape pairs are split separately, so each split holds a quarter of same-shape pairs.
     Each pair is a sorted tuple of (colour, shape)."""
-    pairs = sorted(tuple(sorted(p)) for p in pair_compositions())
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    shuffled = [pairs[i] for i in order]
-    return {"test": shuffled[:16], "val": shuffled[16:24], "train": shuffled[24:42], "base": shuffled[42:]}
+    rng = np.random.default_rng(seed)
+    splits: dict[str, list] = {name: [] for name in (*SPLIT_SIZES, "train")}
+    all_pairs = sorted(tuple(sorted(p)) for p in pair_compositions())
+    for same_shape in (True, False):
+        group = [p for p in all_pairs if (p[0][1] == p[1][1]) == same_shape]
+        shuffled = [group[i] for i in rng.permutation(len(group))]
+        start = 0
+        for name, size in SPLIT_SIZES.items():
+            count = size * len(group) // len(all_pairs)
+            splits[name] += shuffled[start : start + count]
+            start += count
+        splits["train"] += shuffled[start:]
+    return {name: sorted(pairs) for name, pairs in splits.items()}
 
 
 def _place(rng: np.random.Generator, sizes: list[int], tries: int = 1000) -> list[tuple[int, int]]:
@@ -91,10 +107,10 @@ def scene(rng: np.random.Generator, objects: tuple[tuple[str, str], ...]) -> lis
 
 
 def random_objects(rng: np.random.Generator, count: int, allowed_pairs=None) -> tuple[tuple[str, str], ...]:
-    """``count`` objects with distinct colours and shapes; with ``allowed_pairs`` (a set of sorted pair tuples),
-    every pair of objects in the scene must be one of them."""
+    """``count`` objects with distinct colours (shapes may repeat); with ``allowed_pairs`` (a set of sorted pair
+    tuples), every pair of objects in the scene must be one of them."""
     while True:
-        shapes = rng.choice(len(SHAPES), size=count, replace=False)
+        shapes = rng.choice(len(SHAPES), size=count, replace=True)
         colours = rng.choice(len(COLOURS), size=count, replace=False)
         objects = tuple((COLOURS[c], SHAPES[s]) for c, s in zip(colours, shapes))
         if allowed_pairs is None or all(tuple(sorted(p)) in allowed_pairs for p in itertools.combinations(objects, 2)):
@@ -119,6 +135,13 @@ def thing_mask(thing: Thing, size: int = IMAGE_SIZE) -> np.ndarray:
     if thing.shape == "triangle":  # apex up, base at the bottom
         half_width = (py - y0) / s * (s / 2)
         return (py >= y0) & (py < y0 + s) & (np.abs(px - x0 - s / 2) <= half_width)
+    if thing.shape == "cross":  # an upright plus sign, arms a whole number of pixels (about a third) wide
+        arm = round(s / 3)
+        if (s - arm) % 2:  # the nearest width that leaves whole, equal margins: symmetric arms on whole pixels, so
+            arm += 1 if s / 3 > arm else -1  # a render at any scale, box-resized to 32 px, has sharp arm edges
+        lo = (s - arm) // 2
+        inside = (px >= x0) & (px < x0 + s) & (py >= y0) & (py < y0 + s)
+        return inside & (((px >= x0 + lo) & (px < x0 + lo + arm)) | ((py >= y0 + lo) & (py < y0 + lo + arm)))
     raise ValueError(f"unknown shape {thing.shape!r}")
 
 
@@ -132,12 +155,13 @@ def render(things: list[Thing], size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def sample_base_scene(rng: np.random.Generator, multi_object_rate: float, allowed_pairs) -> list[Thing]:
-    """A base-model training scene: one object, or (with ``multi_object_rate``) two objects whose pair is in
-    ``allowed_pairs``. Mostly single objects, as real captions mostly name one main subject: this is
-    what makes the base model weak at binding attributes in multi-object prompts."""
+    """A base-model training scene: one object, or (with ``multi_object_rate``) two objects whose pair is one of
+    ``allowed_pairs``. Mostly single objects, as real captions mostly name one main subject: this is what makes
+    the base model weak at binding attributes in multi-object prompts."""
     if rng.random() >= multi_object_rate:
         return scene(rng, (OBJECT_TYPES[int(rng.integers(len(OBJECT_TYPES)))],))
-    return scene(rng, random_objects(rng, 2, allowed_pairs))
+    pairs = sorted(allowed_pairs)
+    return scene(rng, pairs[int(rng.integers(len(pairs)))])
 
 
 def sample_any_scene(rng: np.random.Generator) -> list[Thing]:
@@ -153,9 +177,45 @@ def prompt_record(things: list[Thing], seed: int | None = None, layout: bool = T
     from comat_lightning.masks import rle_encode
 
     record = {"prompt": caption(things)}
-    if layout:
-        record["masks"] = {t.shape: rle_encode(thing_mask(t), compress=True) for t in things}
+    if layout:  # by noun; a shape named twice has no mask (attribute concentration drops such nouns anyway)
+        shapes = [t.shape for t in things]
+        record["masks"] = {t.shape: rle_encode(thing_mask(t), compress=True) for t in things if shapes.count(t.shape) == 1}
     record.update(concepts=[t.shape for t in things], objects=[[t.colour, t.shape] for t in things])
     if seed is not None:
         record["seed"] = seed
     return record
+
+
+def parse_caption(text: str) -> list[tuple[str, str]]:
+    """The objects of a caption in the world's grammar, "a <colour> <shape>" joined by "and" (case and spacing
+    free). Raises ValueError naming the first unknown word (with the closest world word) or the broken rule."""
+    import difflib
+
+    words = text.lower().split()
+    for word in words:
+        if word not in WORDS:
+            close = difflib.get_close_matches(word, WORDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown word {word!r}{hint} (the world's words: {', '.join(WORDS)})")
+    objects, i = [], 0
+    while i < len(words):
+        if words[i] != "a" or len(words) - i < 3:
+            raise ValueError(f"expected 'a <colour> <shape>' at word {i + 1} of {text!r}")
+        colour, shape = words[i + 1], words[i + 2]
+        if colour not in COLOURS or shape not in SHAPES:
+            raise ValueError(f"expected 'a <colour> <shape>', got 'a {colour} {shape}' in {text!r}")
+        objects.append((colour, shape))
+        i += 3
+        if i < len(words):
+            if words[i] != "and" or i + 1 == len(words):
+                raise ValueError(f"expected 'and a <colour> <shape>' after {' '.join(words[:i])!r} in {text!r}")
+            i += 1
+    if not objects:
+        raise ValueError("an empty caption")
+    colours = [c for c, _ in objects]
+    repeated = sorted({c for c in colours if colours.count(c) > 1})
+    if repeated:
+        raise ValueError(f"two objects share the colour {repeated[0]!r} (the world's objects have distinct colours)")
+    if len(objects) > 3:
+        raise ValueError(f"{len(objects)} objects; the world's scenes hold 1 to 3")
+    return objects
