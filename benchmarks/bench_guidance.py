@@ -36,16 +36,15 @@ def main() -> None:
 
     import torch
     from diffusers import StableDiffusionAttendAndExcitePipeline
-
-    from comat_lightning.guided_sampling import AStarGuidance, AttendAndExciteGuidance
-    from comat_lightning.module import CoMatModule, SamplerConfig
-    from comat_lightning.prediction import concept_positions
     from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader
 
+    from comat_lightning.sampling.guided import AStarGuidance, AttendAndExciteGuidance
+    from comat_lightning.sampling.prediction import concept_positions
+    from comat_lightning.sampling.step_policies import EvenlySpacedSteps
+    from comat_lightning.tiny.zoo import resolve_model_path
+    from comat_lightning.training.module import CoMatModule, SamplerConfig
     from datamodules.prompts import collate_prompts
-    from comat_lightning.rollout import EvenlySpacedSteps
-    from comat_lightning.tiny_zoo import resolve_model_path
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompt, words = "a cat and a dog", ["cat", "dog"]

@@ -78,6 +78,7 @@ def main() -> None:
 
     import torch
     from lightning.pytorch import Callback
+
     from benchmarks.flop_counting import flop_counter
     from benchmarks.shape_only import ShapeOnlyFit
 

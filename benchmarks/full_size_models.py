@@ -42,7 +42,8 @@ def build_sd15(folder: Path) -> None:
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from comat_lightning.tiny_zoo import _SD_SCHEDULER, clip_tokenizer
+    from comat_lightning.tiny.tokenizers import clip_tokenizer
+    from comat_lightning.tiny.zoo import _SD_SCHEDULER
 
     tokenizer = clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # defaults = SD 1.x
@@ -57,7 +58,8 @@ def build_sdxl(folder: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from comat_lightning.tiny_zoo import _SDXL_SCHEDULER, clip_tokenizer
+    from comat_lightning.tiny.tokenizers import clip_tokenizer
+    from comat_lightning.tiny.zoo import _SDXL_SCHEDULER
 
     tokenizer = clip_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
     tokenizer_2 = clip_tokenizer(folder / "tokenizer_2", pad_token="!")
@@ -81,7 +83,7 @@ def build_blip_large(folder: Path) -> None:
     """Salesforce/blip-image-captioning-large: ViT-L/16 at 384 px, BERT-base text decoder with cross-attention."""
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    from comat_lightning.tiny_zoo import bert_tokenizer
+    from comat_lightning.tiny.tokenizers import bert_tokenizer
 
     tokenizer = bert_tokenizer(folder)
     config = BlipConfig(

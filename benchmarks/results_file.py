@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from comat_lightning.atomic_files import write_bytes_atomically
+from comat_lightning.files.atomic import write_bytes_atomically
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -8,7 +8,7 @@ Per training step:
 2. entities with more than ``max_attributes`` attributes, then entities whose detector phrase occurs twice in a
    prompt (a detector cannot tell two "car"s apart), then background words ("sky" has no object extent) are
    dropped;
-3. one mask per remaining entity from a :class:`~comat_lightning.masks.MaskProvider` (no grad). An entity the
+3. one mask per remaining entity from a :class:`~comat_lightning.MaskProvider` (no grad). An entity the
    detector misses is trained towards an all-zero mask (official: its attention is pushed to zero) or skipped
    (``missed_entities``);
 4. from the maps recorded at the captured steps (conditional pass, with gradient), per entity and step:
@@ -34,14 +34,15 @@ import torch.nn.functional as F
 from jsonargparse import lazy_instance
 from torch import nn
 
-from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds, check_choice, check_weight
-from comat_lightning.attention_capture import Block, CaptureRequest, LayerSelection, layer_selection
-from comat_lightning.data_parallel import data_parallel_mean, data_parallel_world_size
-from comat_lightning.grounded_sam import GroundedSAMMasks
+from comat_lightning.attention.capture import Block, CaptureRequest, LayerSelection, layer_selection
 from comat_lightning.errors import InputError
-from comat_lightning.masks import MaskProvider
-from comat_lightning.prompt_parsing import EntityParser
-from comat_lightning.token_alignment import AlignedEntity, align_entities
+from comat_lightning.files.record_fields import PROMPT
+from comat_lightning.judges.grounded_sam import GroundedSAMMasks
+from comat_lightning.judges.masks import MaskProvider
+from comat_lightning.runtime.data_parallel import data_parallel_mean, data_parallel_world_size
+from comat_lightning.text.entities import EntityParser
+from comat_lightning.text.token_alignment import AlignedEntity, align_entities
+from comat_lightning.training.losses import GeneratedBatch, LossCallback, LossContext, LossNeeds, check_choice, check_weight
 
 # Nouns without object extent: a detector box for them is the whole image, which teaches nothing.
 BACKGROUND_WORDS = (
@@ -135,7 +136,7 @@ def normalized_sums(
     terms: Sequence[EntityTerm], batch_size: int, normalization: Literal["per_sample", "per_entity"]
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(token numerator, pixel numerator, denominator) of the batch's loss; the loss is numerator / denominator
-    over the data-parallel batch (:func:`~comat_lightning.data_parallel.data_parallel_mean`).
+    over the data-parallel batch (:func:`~comat_lightning.runtime.data_parallel.data_parallel_mean`).
 
     ``per_sample`` (official): mean over each sample's entities, summed over the samples, divided by the batch size
     (a sample without entities adds zero but counts). ``per_entity``: summed over the entities, divided by their
@@ -186,8 +187,8 @@ class AttributeConcentrationLoss(LossCallback):
     Defaults are the official code's; each option says what the other value does.
 
     Args:
-        masks: mask provider: ``comat_lightning.grounded_sam.GroundedSAMMasks`` (GroundingDINO + SAM on the generated
-            image) or ``comat_lightning.masks.JsonlMasks`` (masks given with the data).
+        masks: mask provider: ``comat_lightning.GroundedSAMMasks`` (GroundingDINO + SAM on the generated
+            image) or ``comat_lightning.JsonlMasks`` (masks given with the data).
         token_weight: weight of the token loss (CoMat: 1e-3).
         pixel_weight: weight of the pixel loss (CoMat: 5e-5).
         weight: overall factor on ``token_weight * token + pixel_weight * pixel``.
@@ -292,24 +293,24 @@ class AttributeConcentrationLoss(LossCallback):
             records = [*getattr(data, "train_records", []), *getattr(data, "val_records", [])]
             check_records(records, getattr(data, "location_of", lambda record: None))
 
-    def build(self, pl_module) -> nn.Module:
+    def build(self, context: LossContext) -> nn.Module:
         return self.masks.load()
 
     def trainable_entities(self, record: dict, tokenizer) -> list[AlignedEntity]:
-        entities = align_entities(record["prompt"], self.parser.entities_for(record), tokenizer)
+        entities = align_entities(record[PROMPT], self.parser.entities_for(record), tokenizer)
         return keep_trainable_entities(entities, self.background_words, self.detector_phrase, self.official_plural_rule, self.max_attributes)
 
-    def compute(self, pl_module, generated: GeneratedBatch):
+    def compute(self, context: LossContext, generated: GeneratedBatch):
         device = generated.latents.device
         zero = torch.zeros((), device=device)
         store = generated.attention
         records = generated.records()
-        tokenizer = pl_module.backbone.tokenizers[0]  # SDXL: both tokenizers share CLIP's BPE; the first sets positions
+        tokenizer = context.backbone.tokenizers[0]  # SDXL: both tokenizers share CLIP's BPE; the first sets positions
         entities = [self.trainable_entities(record, tokenizer) for record in records]
         if store is None or not store.steps:  # the same on every rank (capture steps are chosen alike)
             return zero, {"token": zero, "pixel": zero, "entities": zero, "missed": zero}
 
-        provider: MaskProvider = pl_module.loss_modules[self.name]
+        provider: MaskProvider = context.helper(self.name)
         images = generated.images.detach() if (provider.needs_images and generated.images is not None) else None
         if sum(map(len, entities)) == 0:
             masks = [[] for _ in entities]

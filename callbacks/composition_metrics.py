@@ -24,9 +24,9 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import Callback
 
-from comat_lightning.attention_capture import Block, LayerSelection, layer_selection
+from comat_lightning.attention.capture import Block, LayerSelection, layer_selection
 from comat_lightning.errors import InputError
-from comat_lightning.input_checks import check_local_path
+from comat_lightning.files.paths import check_local_path
 
 
 class CompositionMetrics(Callback):
@@ -67,20 +67,23 @@ class CompositionMetrics(Callback):
 
     # ------------------------------------------------------------------------------------------ set-up
 
-    def attention_layers(self, pl_module, latent_size: Optional[int] = None) -> Optional[LayerSelection]:
-        """The layers whose step-averaged maps the module must hand over (None: no maps needed); ``latent_size``
-        as for ``pl_module.guidance_selection`` (given before the models load)."""
+    def evaluation_layers(self, default_layers: LayerSelection) -> Optional[LayerSelection]:
+        """The layers whose step-averaged maps the module must hand over (None: no maps needed); by default
+        guidance's (``default_layers``: latent size / 4)."""
         if not self.concept_overlap:
             return None
-        default = pl_module.guidance_selection(latent_size)
-        blocks = tuple(self.attention_blocks) if self.attention_blocks else default.blocks
-        resolutions = (self.attention_resolution,) if self.attention_resolution else default.resolutions
+        blocks = tuple(self.attention_blocks) if self.attention_blocks else default_layers.blocks
+        resolutions = (self.attention_resolution,) if self.attention_resolution else default_layers.resolutions
         return LayerSelection(blocks, resolutions)
+
+    def attention_requests(self, stage: str, default_layers: LayerSelection) -> list[tuple[str, LayerSelection]]:
+        selection = self.evaluation_layers(default_layers) if stage in ("fit", "validate", "test") else None
+        return [] if selection is None else [("CompositionMetrics.attention_blocks / attention_resolution", selection)]
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage not in ("fit", "validate", "test"):
             return
-        from comat_lightning.metrics import CaptionNLL, ConceptOverlap, PromptCLIPScore
+        from comat_lightning.judges.metrics import CaptionNLL, ConceptOverlap, PromptCLIPScore
 
         metrics: dict[str, Any] = {}
         # Callbacks' setup runs before the module's, so the loss list is read from the trainer here.
@@ -97,7 +100,7 @@ class CompositionMetrics(Callback):
             loss = _concept_matching(pl_module.trainer.callbacks)
             return pl_module.loss_modules[loss.name]
         if self._own_scorer is None:
-            from comat_lightning.captioner import CaptionScorer
+            from comat_lightning.judges.captioner import CaptionScorer
 
             self._own_scorer = CaptionScorer(self.captioner, prefix=self.caption_prefix).to(pl_module.device)
         return self._own_scorer
@@ -117,8 +120,8 @@ class CompositionMetrics(Callback):
 
     def _concept_maps(self, pl_module, generated) -> list[torch.Tensor]:
         """Per image a (S, C, r, r) stack: its nouns' concept maps (A-STAR's definition) at every step."""
-        from comat_lightning.attention_guidance import concept_maps
-        from comat_lightning.prediction import concept_positions
+        from comat_lightning.attention.concept_maps import concept_maps
+        from comat_lightning.sampling.prediction import concept_positions
 
         summary = generated.attention_summary
         if summary is None:
@@ -178,7 +181,7 @@ class CompositionMetrics(Callback):
         return values
 
     def _write_json(self, trainer, pl_module, root: Path, stage: str, values: dict[str, float]) -> None:
-        from comat_lightning.atomic_files import write_bytes_atomically
+        from comat_lightning.files.atomic import write_bytes_atomically
 
         path = root / f"{stage}_step{pl_module.generator_step:07d}.json"
         result = {

@@ -6,13 +6,11 @@ from typing import Literal, Optional, Union
 
 import torch
 
-from callbacks.loss_base import GeneratedBatch, LossCallback, LossNeeds, check_choice
-from comat_lightning.captioner import CaptionScorer, CropPer, FirstToken, Reduction, reduce_caption_nll
 from comat_lightning.errors import InputError
-from comat_lightning.input_checks import check_local_path
-
-
-_CROP_SEED_OFFSET = 2**40  # crop_per="batch": a stream apart from the step's noise and step choice
+from comat_lightning.files.paths import check_local_path
+from comat_lightning.judges.captioner import CaptionScorer, CropPer, FirstToken, Reduction, reduce_caption_nll
+from comat_lightning.sampling.seeds import CROP_OFFSET
+from comat_lightning.training.losses import GeneratedBatch, LossCallback, LossContext, LossNeeds, check_choice
 
 
 class ConceptMatchingLoss(LossCallback):
@@ -79,19 +77,19 @@ class ConceptMatchingLoss(LossCallback):
         """How many pixels the random crop removes per side at ``resolution`` (official: resolution // 224)."""
         return resolution // 224 if self.max_crop == "auto" else int(self.max_crop)
 
-    def build(self, pl_module) -> CaptionScorer:
+    def build(self, context: LossContext) -> CaptionScorer:
         return CaptionScorer(
             self.captioner,
             prefix=self.prefix,
             label_smoothing=self.label_smoothing,
             first_token=self.first_token,
-            max_crop=self.crop_pixels(pl_module.sampler.resolution),
+            max_crop=self.crop_pixels(context.sampler.resolution),
             crop_per=self.crop_per,
             max_length=self.max_caption_tokens,
         )
 
-    def compute(self, pl_module, generated: GeneratedBatch):
-        scorer: CaptionScorer = pl_module.loss_modules[self.name]
+    def compute(self, context: LossContext, generated: GeneratedBatch):
+        scorer: CaptionScorer = context.helper(self.name)
         images = generated.images
         if images.requires_grad:
             # A node of our own in front of the captioner: its gradient is the captioner's share only (other losses
@@ -101,7 +99,7 @@ class ConceptMatchingLoss(LossCallback):
         if self.crop_per == "batch":
             # One offset for the batch, from the step's seed: the same on every rank, so N ranks crop as one process
             # with N x the batch would.
-            generator = None if generated.batch_seed is None else torch.Generator().manual_seed(generated.batch_seed + _CROP_SEED_OFFSET)
+            generator = None if generated.batch_seed is None else torch.Generator().manual_seed(generated.batch_seed + CROP_OFFSET)
         else:
             generator = generated.generators
         per_sample, counts = scorer(images, generated.prompts, generator=generator)

@@ -11,26 +11,26 @@ frozen base model's.
   official gradient); with the discriminator's own AdamW and gradient clip.
 
 Real latents: final latents of the frozen base model for the same prompts, precomputed by
-``python -m comat_lightning.real_latents`` into the JSONL (``real_latents: data``), or generated on the fly by
+``python -m comat_lightning.tools.real_latents`` into the JSONL (``real_latents: data``), or generated on the fly by
 the base UNet with the LoRA disabled (``real_latents: on_the_fly``: one more full sampling per step, about twice
 the rollout cost).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from callbacks.loss_base import AdversarialLoss, GeneratedBatch, LossNeeds, check_choice
-from comat_lightning.discriminator import LatentDiscriminator, add_discriminator_lora
-from comat_lightning.errors import InputError
-from comat_lightning.input_checks import check_local_path
-from comat_lightning.options import OPTIMIZER_NAMES, OptimizerName, build_optimizer
-
-_REAL_SEED_OFFSET = 2**42  # on-the-fly real latents: a noise stream apart from the rollout's
+from comat_lightning.errors import InputError, OptionProblems
+from comat_lightning.files.paths import check_local_path
+from comat_lightning.files.record_fields import LATENT, REAL_LATENT
+from comat_lightning.judges.discriminator import LatentDiscriminator, add_discriminator_lora
+from comat_lightning.models.adapters import LoraConfig
+from comat_lightning.sampling.seeds import REAL_LATENT_OFFSET
+from comat_lightning.training.losses import AdversarialLoss, GeneratedBatch, LossContext, LossNeeds, check_choice
+from comat_lightning.training.options import OptimizerConfig, OptimizerName
 
 
 class FidelityPreservationLoss(AdversarialLoss):
@@ -67,37 +67,30 @@ class FidelityPreservationLoss(AdversarialLoss):
         name: str = "fidelity_preservation",
     ):
         super().__init__(weight=weight, name=name)
-        problems = []
-        if real_latents not in ("data", "on_the_fly"):
-            problems.append(f"real_latents must be 'data' or 'on_the_fly', got {real_latents!r}")
-        if lora_rank < 1:
-            problems.append(f"lora_rank must be >= 1, got {lora_rank}")
-        if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
-            problems.append(f"lora_alpha must be a finite number > 0 (or null: the rank), got {lora_alpha}")
-        if not target_modules:
-            problems.append("target_modules is empty; name at least one module (e.g. to_q)")
-        if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
-            problems.append(f"betas must be two numbers in [0, 1), got {list(betas)}")
-        if not lr > 0:
-            problems.append(f"lr must be > 0, got {lr}")
-        if grad_clip is not None and not grad_clip > 0:
-            problems.append(f"grad_clip must be > 0 (or null), got {grad_clip}")
-        if weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0, got {weight_decay}")
-        if optimizer not in OPTIMIZER_NAMES:
-            problems.append(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {optimizer!r}")
-        if problems:
-            raise InputError("FidelityPreservationLoss: " + "; ".join(problems))
-        check_choice("FidelityPreservationLoss", "discriminator_reduction", discriminator_reduction, ("concat_mean", "sum_of_means"))
-        check_choice("FidelityPreservationLoss", "lora_init", lora_init, ("gaussian", "kaiming"))
-        self.lora_init = lora_init
-        check_local_path("FidelityPreservationLoss.discriminator_model", discriminator_model, "pipeline folder")
+        owner = "FidelityPreservationLoss"
+        check_choice(owner, "real_latents", real_latents, ("data", "on_the_fly"))
+        check_choice(owner, "discriminator_reduction", discriminator_reduction, ("concat_mean", "sum_of_means"))
+        try:  # the discriminator's LoRA and AdamW: the generator's option groups, under this loss's option names
+            self.lora = LoraConfig(rank=lora_rank, alpha=lora_alpha, target_modules=list(target_modules), init=lora_init)
+            self.optimizer_config = OptimizerConfig(name=optimizer, lr=lr, betas=tuple(betas), weight_decay=weight_decay, grad_clip=grad_clip)
+        except OptionProblems as err:
+            names = {"rank": "lora_rank", "alpha": "lora_alpha", "init": "lora_init", "name": "optimizer"}
+            raise err.renamed(owner, names) from None
+        check_local_path(f"{owner}.discriminator_model", discriminator_model, "pipeline folder")
         self.real_latents = real_latents
         self.discriminator_model = discriminator_model
-        self.lora_rank, self.lora_alpha, self.target_modules = lora_rank, lora_alpha, list(target_modules)
-        self.lr, self.betas, self.weight_decay, self.grad_clip = lr, tuple(betas), weight_decay, grad_clip
-        self.optimizer = optimizer
+        self.grad_clip = grad_clip
         self.discriminator_reduction = discriminator_reduction
+
+    @property
+    def optimizer_name(self) -> str:
+        return self.optimizer_config.name
+
+    def lora_targets(self, stage: str) -> list[tuple[str, list[str]]]:
+        """On the generator's own UNet (no ``discriminator_model``), the discriminator's LoRA targets its modules."""
+        if self.discriminator_model is not None:
+            return []
+        return [(f"FidelityPreservationLoss (name {self.name!r}) target_modules", list(self.lora.target_modules))]
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Runs after the datamodule's setup and before any model loads: training prompts without a real latent
@@ -105,65 +98,65 @@ class FidelityPreservationLoss(AdversarialLoss):
         records = getattr(trainer.datamodule, "train_records", None)
         if stage != "fit" or self.real_latents != "data" or not records:
             return
-        missing = [record for record in records if not record.get("latent")]
+        missing = [record for record in records if not record.get(LATENT)]
         if missing:
             locate = getattr(trainer.datamodule, "location_of", lambda record: None)
             first = locate(missing[0]) or f"prompt {missing[0].get('prompt')!r}"
             raise InputError(
                 f"FidelityPreservationLoss(real_latents='data'): {len(missing)} of {len(records)} training prompts have "
-                f"no \"latent\" (first: {first}); run `python -m comat_lightning.real_latents --config <config> --output "
+                f"no \"latent\" (first: {first}); run `python -m comat_lightning.tools.real_latents --config <config> --output "
                 "<dir>` and train on <dir>/real_latents.jsonl, or set real_latents: on_the_fly"
             )
 
     # ---------------------------------------------------------------------------------------- the network
 
-    def build(self, pl_module) -> LatentDiscriminator:
-        scheduler = pl_module.make_scheduler()
-        scheduler.set_timesteps(pl_module.sampler.num_inference_steps)
+    def build(self, context: LossContext) -> LatentDiscriminator:
+        scheduler = context.rollout.make_scheduler()
+        scheduler.set_timesteps(context.sampler.num_inference_steps)
         last_timestep = scheduler.timesteps[-1]  # the discriminator judges (nearly) clean latents
         if self.discriminator_model is None:
-            unet, empty, shared = pl_module.backbone.unet, pl_module.empty_prompt(), True
+            unet, empty, shared = context.backbone.unet, context.rollout.empty_prompt(), True
         else:
-            unet, empty = self._separate_backbone(pl_module)
+            unet, empty = self._separate_backbone(context)
             shared = False
-        add_discriminator_lora(unet, self.lora_rank, self.lora_alpha, self.target_modules, self.lora_init)
+        add_discriminator_lora(unet, self.lora)
         return LatentDiscriminator(unet, empty, last_timestep, scheduler, shared=shared)
 
-    def _separate_backbone(self, pl_module):
-        from comat_lightning.adapters import checkpoint_keeping_adapters
-        from comat_lightning.diffusion_model import DiffusionBackbone
+    def _separate_backbone(self, context: LossContext):
+        from comat_lightning.models.adapters import checkpoint_keeping_adapters
+        from comat_lightning.models.backbone import DiffusionBackbone
 
         other = DiffusionBackbone.from_pretrained(self.discriminator_model)
-        if other.vae_scale_factor != pl_module.backbone.vae_scale_factor or other.unet.config.in_channels != pl_module.backbone.unet.config.in_channels:
+        if other.vae_scale_factor != context.backbone.vae_scale_factor or other.unet.config.in_channels != context.backbone.unet.config.in_channels:
             raise InputError(
                 f"FidelityPreservationLoss: discriminator_model {self.discriminator_model!r} works on different latents "
                 f"({other.unet.config.in_channels} channels, factor {other.vae_scale_factor}) than the generator"
             )
         other.requires_grad_(False)
         with torch.no_grad():
-            empty = other.encode_prompts([""], pl_module.sampler.resolution)
-        if pl_module.gradient_checkpointing:
+            empty = other.encode_prompts([""], context.sampler.resolution)
+        if context.gradient_checkpointing:
             other.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_keeping_adapters)
         return other.unet.eval(), empty  # text encoders and VAE are dropped: only the empty prompt was needed
 
-    def discriminator_parameters(self, pl_module) -> list[torch.nn.Parameter]:
-        discriminator: LatentDiscriminator = pl_module.loss_modules[self.name]
+    def discriminator_parameters(self, context: LossContext) -> list[torch.nn.Parameter]:
+        discriminator: LatentDiscriminator = context.helper(self.name)
         return discriminator.lora_parameters() + list(discriminator.head.parameters())
 
     def configure_discriminator_optimizer(self, params):
-        optimizer = build_optimizer(self.optimizer, params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        optimizer = self.optimizer_config.build(params)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant, as published
 
     # ---------------------------------------------------------------------------------------- the two losses
 
-    def compute(self, pl_module, generated: GeneratedBatch):
-        logits = pl_module.loss_modules[self.name](generated.latents)  # (B, h, w)
+    def compute(self, context: LossContext, generated: GeneratedBatch):
+        logits = context.helper(self.name)(generated.latents)  # (B, h, w)
         loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
         return loss, {"fake_score": torch.sigmoid(logits.detach()).mean()}
 
-    def discriminator_loss(self, pl_module, generated: GeneratedBatch):
-        discriminator = pl_module.loss_modules[self.name]
-        real = self.real_batch(pl_module, generated)
+    def discriminator_loss(self, context: LossContext, generated: GeneratedBatch):
+        discriminator = context.helper(self.name)
+        real = self.real_batch(context, generated)
         fake = generated.latents.detach()
         # One pass over [fake; real] (as the official code): per-sample ops, so the same logits as two passes.
         logits = discriminator(torch.cat([fake, real]))  # (2B, h, w)
@@ -186,17 +179,17 @@ class FidelityPreservationLoss(AdversarialLoss):
         }
         return loss, logs
 
-    def real_batch(self, pl_module, generated: GeneratedBatch) -> torch.Tensor:
+    def real_batch(self, context: LossContext, generated: GeneratedBatch) -> torch.Tensor:
         """(B, 4, h, w) fp32 real latents for the batch's prompts."""
         if self.real_latents == "on_the_fly":
-            generators = [torch.Generator().manual_seed(seed + _REAL_SEED_OFFSET) for seed in generated.seeds]
-            with torch.no_grad(), pl_module.frozen_base() as base:
-                return pl_module.sample(generated.prompts, generators, unet=base)
-        real = generated.batch.get("real_latent")
+            generators = [torch.Generator().manual_seed(seed + REAL_LATENT_OFFSET) for seed in generated.seeds]
+            with torch.no_grad(), context.rollout.frozen_base() as base:
+                return context.rollout.sample(generated.prompts, generators, unet=base)
+        real = generated.batch.get(REAL_LATENT)
         if real is None:
             raise ValueError(
                 "FidelityPreservationLoss(real_latents='data') needs real latents in the batch: run "
-                "`python -m comat_lightning.real_latents --config <config> --output <dir>` and train on the "
+                "`python -m comat_lightning.tools.real_latents --config <config> --output <dir>` and train on the "
                 "<dir>/real_latents.jsonl it writes, or set real_latents: on_the_fly (about 2x sampling cost)"
             )
         if real.shape != generated.latents.shape:

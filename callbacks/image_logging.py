@@ -9,7 +9,7 @@ once before training starts), so successive images differ only by what training 
 - :class:`SampleImageLogger`: one grid (``samples/base_vs_finetuned``): top row the frozen base model (LoRA off),
   bottom row the current model, same prompts and seeds; also after every validation run.
 
-Layouts (tile = ``tile`` px, L = 16 px label strip; see comat_lightning/image_grids.py):
+Layouts (tile = ``tile`` px, L = 16 px label strip; see comat_lightning/files/images.py):
 attention grid (3, L + tile, (1 + words) * tile); sample grid (3, L + 2 * tile, prompts * tile).
 
 Costs nothing on other steps: the capture processors for the heat maps are installed only while the logger samples.
@@ -25,10 +25,11 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import Callback
 
-from comat_lightning.attention_capture import Block, layer_selection
+from comat_lightning.attention.capture import Block, LayerSelection, layer_selection
 from comat_lightning.errors import InputError
-from comat_lightning.input_checks import check_local_path
-from comat_lightning.prompt_parsing import check_prompt
+from comat_lightning.files.paths import check_local_path
+from comat_lightning.files.record_fields import CONCEPTS, PROMPT, SEED
+from comat_lightning.text.entities import check_prompt
 
 MONITOR_SEED = 1234  # default base of the monitor prompts' seeds (prompt i uses MONITOR_SEED + i)
 
@@ -91,11 +92,11 @@ class MonitorPrompts(Callback):
                 source = getattr(data, "val_records", None) or getattr(data, "train_records", None) or []
                 if not source:
                     raise InputError(f"{type(self).__name__}: no monitor prompts: set prompts or prompt_file")
-                self._records = [{"prompt": r["prompt"], **{k: r[k] for k in ("concepts", "entities") if k in r}} for r in source[: self.num_prompts]]
+                self._records = [{PROMPT: r[PROMPT], **{k: r[k] for k in ("concepts", "entities") if k in r}} for r in source[: self.num_prompts]]
         return self._records
 
     def seeds(self, records: list[dict[str, Any]]) -> list[int]:
-        return [int(r["seed"]) if r.get("seed") is not None else self.seed + i for i, r in enumerate(records)]
+        return [int(r[SEED]) if r.get(SEED) is not None else self.seed + i for i, r in enumerate(records)]
 
     def due(self, trainer, pl_module) -> bool:
         """A logging step, and somewhere to log to (without a TensorBoard logger nothing is sampled)."""
@@ -143,14 +144,17 @@ class AttentionMapLogger(MonitorPrompts):
         super().__init__(**kwargs)
         self.layers = layer_selection(f"{type(self).__name__} blocks / resolutions", blocks, resolutions)
 
+    def attention_requests(self, stage: str, default_layers: LayerSelection) -> list[tuple[str, LayerSelection]]:
+        return [(f"{type(self).__name__}.blocks / resolutions", self.layers)] if stage == "fit" else []
+
     def log_images(self, trainer, pl_module) -> None:
-        from comat_lightning.attention_summary import summarizing_attention
-        from comat_lightning.image_grids import attention_grid
+        from comat_lightning.attention.summary import summarizing_attention
+        from comat_lightning.files.images import attention_grid
 
         records = self.records(trainer)
         # Hooks run outside the training step's autocast: enter the trainer's precision context for the rollout.
         with trainer.precision_plugin.forward_context(), summarizing_attention(pl_module, self.layers, keep_steps=False) as summary:
-            images = pl_module.sample_images([r["prompt"] for r in records], self.seeds(records), step_hook=summary.step_hook)
+            images = pl_module.rollout.sample_images([r[PROMPT] for r in records], self.seeds(records), step_hook=summary.step_hook)
         maps = summary.mean().cpu()  # (B, side, side, 77)
         tokenizer = pl_module.backbone.tokenizers[0]
         for i, (record, image) in enumerate(zip(records, images)):
@@ -166,14 +170,14 @@ class SampleImageLogger(MonitorPrompts):
     _base_images: Optional[torch.Tensor] = None  # the base is frozen: sampled once per run
 
     def log_images(self, trainer, pl_module) -> None:
-        from comat_lightning.image_grids import sample_grid
+        from comat_lightning.files.images import sample_grid
 
         records = self.records(trainer)
-        prompts, seeds = [r["prompt"] for r in records], self.seeds(records)
+        prompts, seeds = [r[PROMPT] for r in records], self.seeds(records)
         with trainer.precision_plugin.forward_context():  # hooks run outside the training step's autocast
             if self._base_images is None:
-                self._base_images = pl_module.sample_images(prompts, seeds, base=True)
-            current = pl_module.sample_images(prompts, seeds)
+                self._base_images = pl_module.rollout.sample_images(prompts, seeds, base=True)
+            current = pl_module.rollout.sample_images(prompts, seeds)
         step = pl_module.generator_step
         grid = sample_grid([self._base_images, current], prompts, ["base", f"step {step}"], tile=self.tile)
         self.write(trainer, "samples/base_vs_finetuned", grid, step)
@@ -186,12 +190,12 @@ class SampleImageLogger(MonitorPrompts):
 def monitor_words(record: dict[str, Any], tokenizer, parser) -> tuple[list[str], list[tuple[int, ...]]]:
     """(words, their token positions) shown for a prompt: the record's "concepts", else each entity's attributes and
     noun (hand-written "entities" or the spaCy parse), in prompt order; words cut off by the 77-token limit drop out."""
-    from comat_lightning.prompt_parsing import entities_from_json
-    from comat_lightning.token_alignment import word_positions
+    from comat_lightning.text.entities import entities_from_json
+    from comat_lightning.text.token_alignment import word_positions
 
-    prompt = record["prompt"]
-    if record.get("concepts"):
-        words = [e.noun for e in entities_from_json(prompt, [[str(w), []] for w in record["concepts"]])]
+    prompt = record[PROMPT]
+    if record.get(CONCEPTS):
+        words = [e.noun for e in entities_from_json(prompt, [[str(w), []] for w in record[CONCEPTS]])]
     else:
         words = [w for e in parser.entities_for(record) for w in (*e.attributes, e.noun)] or parser.nouns(prompt)
     words = sorted(set(words), key=lambda w: w.start)

@@ -13,9 +13,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from comat_lightning.atomic_files import atomic_write, write_bytes_atomically
 from comat_lightning.errors import InputError
-from comat_lightning.image_grids import to_uint8
+from comat_lightning.files.atomic import atomic_write, write_bytes_atomically
+from comat_lightning.files.images import to_uint8
+from comat_lightning.files.record_fields import CONCEPTS
 
 KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 MAPS_DIR = "maps"
@@ -238,7 +239,7 @@ class ImageWriter(BasePredictionWriter):
                 continue
             entry: dict[str, Any] = {"key": key, "prompt": prompt, "seed": seed, "file": f"{key}.png", "settings": prediction["settings"]}
             if concepts is not None:
-                entry["concepts"] = concepts
+                entry[CONCEPTS] = concepts
             if maps is not None and self.write_concept_maps:
                 (self.output_dir / MAPS_DIR).mkdir(exist_ok=True)
                 entry["maps"] = []
@@ -298,7 +299,7 @@ def _check_prediction(prediction: Any) -> tuple[torch.Tensor, Optional[torch.Ten
     if not torch.isfinite(images).all():
         bad = sorted({keys[i] for i in torch.nonzero(~torch.isfinite(images).flatten(1).all(1)).flatten().tolist()})
         raise ValueError(f"ImageWriter: 'images' holds NaN or inf for keys {bad}")
-    maps, concepts = prediction.get("concept_maps"), prediction.get("concepts")
+    maps, concepts = prediction.get("concept_maps"), prediction.get(CONCEPTS)
     if maps is not None:
         if not isinstance(maps, torch.Tensor) or maps.ndim != 4 or maps.shape[0] != batch:
             raise ValueError(f"ImageWriter: 'concept_maps' must be a (B, C, h, w) tensor with B={batch}, got {getattr(maps, 'shape', type(maps))}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from comat_lightning.module import CoMatModule
+from comat_lightning.training.module import CoMatModule
 from datamodules.prompts import PromptDataModule
 
 
@@ -40,7 +40,7 @@ class CoMatCLI(LightningCLI):
         config = self.config_init[subcommand]
         if config.get("ckpt_path") != "last":
             return
-        from comat_lightning.checkpoint_files import checkpoint_folders, resume_path
+        from comat_lightning.runtime.checkpoint_files import checkpoint_folders, resume_path
 
         folders = checkpoint_folders(self.trainer)
         path = resume_path(folders)

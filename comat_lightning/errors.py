@@ -23,4 +23,24 @@ class MissingInputPackage(InputError, OSError):
     library itself raises for it."""
 
 
-__all__ = ["InputError", "MissingInputFile", "MissingInputPackage"]
+class OptionProblems(InputError):
+    """What is wrong with one option group (a config dataclass): ``problems`` are (field, value as written, what is
+    expected); the message names each as ``<prefix>.<field>=<value>``. An owner that reuses the group under other
+    option names re-raises :meth:`renamed` (e.g. ``FidelityPreservationLoss.lora_rank`` for ``LoraConfig.rank``)."""
+
+    def __init__(self, problems: list[tuple[str, str, str]], prefix: str, names: dict[str, str] | None = None):
+        self.problems, self.prefix, self.names = problems, prefix, dict(names or {})
+        lines = [f"{prefix}.{self.names.get(field, field)}={value}: {what}" for field, value, what in problems]
+        super().__init__("invalid options:\n  " + "\n  ".join(lines))
+
+    def renamed(self, prefix: str, names: dict[str, str]) -> "OptionProblems":
+        return OptionProblems(self.problems, prefix, names)
+
+
+def raise_problems(problems: list[tuple[str, str, str]], prefix: str) -> None:
+    """Raise :class:`OptionProblems` if there is any problem (each (field, value as written, what is expected))."""
+    if problems:
+        raise OptionProblems(problems, prefix)
+
+
+__all__ = ["InputError", "MissingInputFile", "MissingInputPackage", "OptionProblems", "raise_problems"]

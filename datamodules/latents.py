@@ -1,7 +1,7 @@
 """Real-latent references in prompt records, for the Fidelity Preservation (adversarial) loss.
 
 A JSONL record may carry ``"latent": {"file": "shard-00000.safetensors", "index": 3}``: row ``index`` of the
-``"latents"`` tensor (n, 4, h, w) in a safetensors file, written by ``python -m comat_lightning.real_latents``.
+``"latents"`` tensor (n, 4, h, w) in a safetensors file, written by ``python -m comat_lightning.tools.real_latents``.
 A relative ``file`` is relative to the folder of the JSONL that names it.
 
 Files are read with safetensors' ``safe_open`` only (never pickle). :func:`check_latent_refs` reads one header per
@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from comat_lightning.errors import InputError
-from comat_lightning.input_checks import user_path
+from comat_lightning.files.paths import user_path
 
 LATENTS_KEY = "latents"  # the tensor's name inside a shard
 LATENT_CHANNELS = 4  # SD 1.x / 2.x / XL VAEs (the default when the model's VAE config cannot be read)

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from comat_lightning.errors import InputError, MissingInputFile
-from comat_lightning.masks import check_mask_field
-from comat_lightning.prediction import check_concepts, check_token_indices
-from comat_lightning.prompt_parsing import check_prompt, entities_from_json
+from comat_lightning.files.mask_files import check_mask_field
+from comat_lightning.files.record_fields import CONCEPTS, ENTITIES, LATENT, LAYOUT, MASKS, PROMPT, SEED, TOKEN_INDICES
+from comat_lightning.sampling.prediction import check_concepts, check_token_indices
+from comat_lightning.text.entities import check_prompt, entities_from_json
 from datamodules.latents import parse_latent_ref
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
@@ -32,13 +33,13 @@ def _check_seed(prompt: str, value: Any) -> None:
 
 # field name -> check(prompt, value); each raises InputError saying what was expected
 FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "entities": entities_from_json,
-    "latent": lambda prompt, value: parse_latent_ref(value),
-    "concepts": check_concepts,
-    "token_indices": lambda prompt, value: check_token_indices(value),
-    "seed": _check_seed,
-    "masks": lambda prompt, value: check_mask_field(value, "masks"),  # JsonlMasks' default field
-    "layout": lambda prompt, value: check_mask_field(value, "layout"),  # predict's layout masks
+    ENTITIES: entities_from_json,
+    LATENT: lambda prompt, value: parse_latent_ref(value),
+    CONCEPTS: check_concepts,
+    TOKEN_INDICES: lambda prompt, value: check_token_indices(value),
+    SEED: _check_seed,
+    MASKS: lambda prompt, value: check_mask_field(value, "masks"),  # JsonlMasks' default field
+    LAYOUT: lambda prompt, value: check_mask_field(value, "layout"),  # predict's layout masks
 }
 
 
@@ -49,7 +50,7 @@ def check_record_fields(record: dict[str, Any]) -> None:
         if value is None:
             continue
         try:
-            check(record["prompt"], value)
+            check(record[PROMPT], value)
         except InputError as err:
             raise InputError(f'bad "{field}": {err}') from None
 
@@ -114,9 +115,9 @@ def _parse_line(line: str, is_jsonl: bool) -> dict[str, Any]:
         raise InputError(f"expected a JSON object like {{\"prompt\": \"...\"}}, got {type(record).__name__}")
     if "prompt" not in record:
         raise InputError(f"record has no \"prompt\" key (keys: {sorted(record)})")
-    if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+    if not isinstance(record[PROMPT], str) or not record[PROMPT].strip():
         raise InputError(f"\"prompt\" must be a non-empty string, got {record['prompt']!r}")
-    record["prompt"] = check_prompt(record["prompt"].strip())
+    record[PROMPT] = check_prompt(record[PROMPT].strip())
     check_record_fields(record)  # entities, latent (its form: the file is checked at setup), concepts, masks, ...
     return record
 

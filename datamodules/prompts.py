@@ -3,11 +3,11 @@
 Files are ``.txt`` (one prompt per line) or ``.jsonl`` (one JSON object per line with a ``"prompt"`` string; any
 other fields, e.g. precomputed entity parses or a real-latent reference, are carried into the batch as lists).
 Files are read and every line checked by datamodules/prompt_files.py: the known optional fields (``"entities"``,
-hand-written or from ``python -m comat_lightning.prepare_entities``, ``"concepts"``, ``"token_indices"``, ``"seed"``,
+hand-written or from ``python -m comat_lightning.tools.prepare_entities``, ``"concepts"``, ``"token_indices"``, ``"seed"``,
 ``"masks"``, ``"layout"``, ``"latent"``) are checked against their prompt when the file is read. An optional ``"latent": {"file": ..., "index": ...}`` (written by
-``python -m comat_lightning.real_latents``) names the frozen base model's final latent for the prompt: every
+``python -m comat_lightning.tools.real_latents``) names the frozen base model's final latent for the prompt: every
 reference is checked against its file's header at ``setup`` (before any model loads), and each batch whose records
-all have one gets ``batch["real_latent"]`` (B, 4, h, w) float32 (see datamodules/latents.py).
+all have one gets ``batch[REAL_LATENT]`` (B, 4, h, w) float32 (see datamodules/latents.py).
 Bad files fail with a message naming the file and line; blank lines are skipped and counted.
 
 The training order is a pure function of (``seed``, epoch), and the train loader is resumable mid-epoch: its
@@ -25,6 +25,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from comat_lightning.errors import InputError
+from comat_lightning.files.record_fields import INDEX, LATENT, LAYOUT, PROMPT, REAL_LATENT
 from datamodules.latents import (
     LatentRef,
     LatentReferenceError,
@@ -35,8 +36,6 @@ from datamodules.latents import (
     resolve_latent_file,
 )
 from datamodules.prompt_files import PromptFileError, read_numbered_prompt_file, read_prompt_file
-
-REAL_LATENT_KEY = "real_latent"  # batch key of the stacked real latents
 
 
 def attach_latents(
@@ -51,14 +50,14 @@ def attach_latents(
         records = []
         files: dict[str, Path] = {}  # thousands of records share a shard: resolve each name once
         for line, record in numbered:
-            if record.get("latent") is not None:
-                name, index = parse_latent_ref(record["latent"])  # its form was checked when the file was read
+            if record.get(LATENT) is not None:
+                name, index = parse_latent_ref(record[LATENT])  # its form was checked when the file was read
                 if name not in files:
                     files[name] = resolve_latent_file(name, path.parent)
                 ref = LatentRef(files[name], index)
                 located.append((path, line))
                 refs.append(ref)
-                record = {**record, "latent": ref.to_json()}
+                record = {**record, LATENT: ref.to_json()}
             records.append(record)
         out.append(records)
     try:
@@ -71,29 +70,29 @@ def attach_latents(
 
 class PromptDataset(Dataset):
     """Records as they were read; an item whose record has a ``"latent"`` also carries the tensor, loaded lazily
-    (one row of one shard), under ``REAL_LATENT_KEY``."""
+    (one row of one shard), under ``REAL_LATENT``."""
 
     def __init__(self, records: list[dict[str, Any]]):
         self.records = records
-        self.latents = [LatentRef(Path(r["latent"]["file"]), r["latent"]["index"]) if r.get("latent") else None for r in records]
+        self.latents = [LatentRef(Path(r[LATENT]["file"]), r[LATENT]["index"]) if r.get(LATENT) else None for r in records]
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ref = self.latents[index]
-        return self.records[index] if ref is None else {**self.records[index], REAL_LATENT_KEY: load_latent(ref)}
+        return self.records[index] if ref is None else {**self.records[index], REAL_LATENT: load_latent(ref)}
 
 
 def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch as a dict of lists; a field missing from some records is None there. Real latents are stacked into
-    ``batch["real_latent"]`` (B, 4, h, w) only when every record of the batch has one (absent otherwise)."""
-    latents = [item.get(REAL_LATENT_KEY) for item in items]
-    records = [{k: v for k, v in item.items() if k != REAL_LATENT_KEY} for item in items]
+    ``batch[REAL_LATENT]`` (B, 4, h, w) only when every record of the batch has one (absent otherwise)."""
+    latents = [item.get(REAL_LATENT) for item in items]
+    records = [{k: v for k, v in item.items() if k != REAL_LATENT} for item in items]
     keys = list(dict.fromkeys(k for r in records for k in r))
     batch: dict[str, Any] = {k: [r.get(k) for r in records] for k in keys}
     if latents and all(t is not None for t in latents):
-        batch[REAL_LATENT_KEY] = torch.stack(latents)
+        batch[REAL_LATENT] = torch.stack(latents)
     return batch
 
 
@@ -167,7 +166,7 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         epoch, batches = int(state["epoch"]), int(state["batches"])
-        if state.get("layout") != self._layout():
+        if state.get(LAYOUT) != self._layout():
             # Another prompt file, batch size, seed or number of ranks: that epoch's order is not this one's.
             warnings.warn(
                 f"train data differs from the checkpoint's ({state.get('layout')} -> {self._layout()}): the resumed "
@@ -246,7 +245,7 @@ class PromptDataModule(LightningDataModule):
         """The model's latent shape at ``latent_resolution``, from its VAE config (no weights are read)."""
         if self.latent_resolution is None:
             return None
-        from comat_lightning.input_checks import vae_geometry
+        from comat_lightning.training.startup_checks import vae_geometry
 
         geometry = vae_geometry(self.tokenizer_model) if self.tokenizer_model else None
         return expected_latent_shape(self.latent_resolution, *geometry) if geometry else expected_latent_shape(self.latent_resolution)
@@ -256,11 +255,11 @@ class PromptDataModule(LightningDataModule):
         if stage == "predict":
             option, path = ("data.predict_file", self.predict_file) if self.predict_file else ("data.train_file", self.train_file)
             numbered = read_numbered_prompt_file(path, option)
-            self.predict_records = [{**record, "index": i} for i, (_, record) in enumerate(numbered)]
+            self.predict_records = [{**record, INDEX: i} for i, (_, record) in enumerate(numbered)]
             self._locate(path, numbered, self.predict_records)
-            from comat_lightning.masks import JsonlMasks  # predict reads "layout" masks as JsonlMasks(field="layout")
+            from comat_lightning.judges.masks import JsonlMasks  # predict reads "layout" masks as JsonlMasks(field=LAYOUT)
 
-            JsonlMasks(field="layout").check_records(self.predict_records, self.location_of)
+            JsonlMasks(field=LAYOUT).check_records(self.predict_records, self.location_of)
             return
         if stage == "test" and self.test_file:
             numbered = read_numbered_prompt_file(self.test_file, "data.test_file")
@@ -299,14 +298,14 @@ class PromptDataModule(LightningDataModule):
         return location if held is record else None  # the entry keeps its record alive: an id is never reused
 
     def _warn_long_prompts(self) -> None:
-        from comat_lightning.diffusion_model import load_tokenizer
+        from comat_lightning.models.backbone import load_tokenizer
 
         tokenizer = load_tokenizer(self.tokenizer_model)
         limit = tokenizer.model_max_length
         for name, records in (("train", self.train_records), ("val", self.val_records)):
             if not records:
                 continue
-            lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in records]).input_ids]
+            lengths = [len(ids) for ids in tokenizer([r[PROMPT] for r in records]).input_ids]
             too_long = sum(n > limit for n in lengths)
             if too_long:
                 warnings.warn(
@@ -356,6 +355,6 @@ class PromptDataModule(LightningDataModule):
 
 
 __all__ = [
-    "REAL_LATENT_KEY", "EpochSampler", "PromptDataModule", "PromptDataset", "PromptFileError", "ResumableDataLoader",
+    "REAL_LATENT", "EpochSampler", "PromptDataModule", "PromptDataset", "PromptFileError", "ResumableDataLoader",
     "attach_latents", "collate_prompts", "read_numbered_prompt_file", "read_prompt_file",
 ]  # fmt: skip

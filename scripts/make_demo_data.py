@@ -18,7 +18,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from comat_lightning.masks import rle_encode  # noqa: E402
+from comat_lightning.files.mask_files import rle_encode  # noqa: E402
 
 SIZE = 64  # the demo's image resolution
 # prompt -> the noun phrases that get a mask, in layout order

@@ -32,7 +32,7 @@ PLUS_OPTIONS: dict[str, dict[str, tuple[Any, str]]] = {
         "max_attributes": (None, "nouns with 3+ modifiers are trained too"),
         "background_words": ("extended", "whole-word matches ('seat' is not 'sea') and spatial words"),
     },
-    "comat_lightning.rollout.EvenlySpacedSteps": {
+    "comat_lightning.EvenlySpacedSteps": {
         "fill_to_end": (False, "exactly K gradient steps for any step count (the same at 50 / 5)"),
     },
 }

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 
 @pytest.fixture(scope="session")
 def tiny_paths() -> dict[str, str]:
-    from comat_lightning.tiny_zoo import TINY_MODELS, TINY_SCHEME, resolve_model_path
+    from comat_lightning.tiny.zoo import TINY_MODELS, TINY_SCHEME, resolve_model_path
 
     return {name: resolve_model_path(TINY_SCHEME + name) for name in TINY_MODELS}
 
@@ -39,9 +39,9 @@ def _deterministic():
 
 def make_module(path: str, losses=(), **overrides):
     """A CoMatModule on a tiny model, models loaded, attached to a minimal trainer-free setup."""
-    from callbacks.loss_base import merge_needs
-    from comat_lightning.module import CoMatModule, SamplerConfig
-    from comat_lightning.rollout import EvenlySpacedSteps
+    from comat_lightning.sampling.step_policies import EvenlySpacedSteps
+    from comat_lightning.training.losses import merge_needs
+    from comat_lightning.training.module import CoMatModule, SamplerConfig
 
     kwargs = dict(
         pretrained_model=path,

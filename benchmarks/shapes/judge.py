@@ -57,7 +57,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from world import BACKGROUND, COLOURS, IMAGE_SIZE, PALETTE, SHAPES
 
 OFF_PALETTE_DISTANCE = 60.0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from comat_lightning.atomic_files import write_bytes_atomically
+from comat_lightning.files.atomic import write_bytes_atomically
 
 # 95% two-sided Student t quantiles by degrees of freedom (no scipy here).
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -46,11 +46,10 @@ def world_fid(image_folders: list[Path], captioner: Path) -> float:
     import json
 
     import torch
+    import world
     from PIL import Image
     from torchmetrics.image.fid import FrechetInceptionDistance
     from transformers import BlipForConditionalGeneration, BlipImageProcessor
-
-    import world
 
     processor = BlipImageProcessor.from_pretrained(captioner)
     vision = BlipForConditionalGeneration.from_pretrained(captioner).vision_model.eval()

@@ -8,7 +8,7 @@ plus: our options) and CoMat + A-STAR on held-out compositions, 3 seeds, judged 
 Stages, each resumable (finished fits, real latents and image folders are reused by a re-run):
 
 1. models (``train_models.py``) if absent; the configs and prompt files are regenerated (identical bytes).
-2. real latents of the frozen base for the training prompts (``comat_lightning.real_latents``: fidelity
+2. real latents of the frozen base for the training prompts (``comat_lightning.tools.real_latents``: fidelity
    preservation's "real" images, as the published recipes precompute them).
 3. fine-tunes: every CoMat configuration x seed through ``train.py fit``, its LoRA exported every 80 generator steps
    (2,560 rollouts); 640 steps x batch 32 = 20,480 rollouts each.
@@ -46,15 +46,16 @@ sys.path.insert(0, str(REPO))
 
 import report  # noqa: E402
 import world  # noqa: E402
-from comat_lightning.atomic_files import write_bytes_atomically  # noqa: E402
 from judge import judge_image, summarise  # noqa: E402
 from make_configs import CHECKPOINT_EVERY, FIT_CONFIGS, ROLLOUTS_PER_STEP, write_configs  # noqa: E402
+
+from comat_lightning.files.atomic import write_bytes_atomically  # noqa: E402
 
 PYTHON = sys.executable
 DATA = HERE / "data"
 MODELS = HERE / "models"
-ASTAR = "comat_lightning.guided_sampling.AStarGuidance"
-ATTEND_EXCITE = "comat_lightning.guided_sampling.AttendAndExciteGuidance"
+ASTAR = "comat_lightning.AStarGuidance"
+ATTEND_EXCITE = "comat_lightning.AttendAndExciteGuidance"
 BEST = "best"  # stands for the CoMat configuration with the better final val score (faithful full or plus)
 CURVE_FITS = ("comat_full", "comat_plus")
 
@@ -183,7 +184,7 @@ def slug(name: str) -> str:
 
 def real_latents_command(work: Path) -> tuple[list[str], Path]:
     out = work / "real_latents"
-    command = [PYTHON, "-m", "comat_lightning.real_latents", "--config", shown(HERE / "configs" / "comat_full.yaml"),
+    command = [PYTHON, "-m", "comat_lightning.tools.real_latents", "--config", shown(HERE / "configs" / "comat_full.yaml"),
                "--prompts", shown(DATA / "train_prompts.jsonl"), "--output", shown(out), "--batch-size", "64"]  # fmt: skip
     return command, out / "real_latents.jsonl"
 

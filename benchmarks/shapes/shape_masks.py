@@ -19,9 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from comat_lightning.masks import Masks, MaskProvider  # noqa: E402
 from judge import segment_objects  # noqa: E402
 from world import COLOURS, IMAGE_SIZE, SHAPES  # noqa: E402
+
+from comat_lightning.judges.masks import MaskProvider, Masks  # noqa: E402
 
 
 class ShapeMasks(MaskProvider):

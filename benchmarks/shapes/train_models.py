@@ -44,7 +44,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
 import world  # noqa: E402
-from comat_lightning.atomic_files import atomic_folder, write_bytes_atomically  # noqa: E402
+from model_checks import binding_check, generation_check  # noqa: E402
+
+from comat_lightning.files.atomic import atomic_folder, write_bytes_atomically  # noqa: E402
 
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 # Text positions: the longest caption (three objects) is 13 tokens with start and end (every world word is one
@@ -55,8 +57,6 @@ PREFIX = "a photography of "  # CaptionScorer's default prefix: the captioner is
 CLIP_WORDS = sorted(world.WORDS, key=lambda w: (-len(w), w))  # longest first: each word's merges win, one token each
 BLIP_WORDS = ("a", "photography", "of", *world.WORDS)
 UNET_CHANNELS = (16, 32)  # 16x16 and 8x8 levels: ~280k weights, 1.7 ms per image and step on one core
-# The benchmark's sampler (configs/*.yaml sampler): what the single-object check uses too.
-SAMPLER = dict(num_inference_steps=10, guidance_scale=3.0)  # chosen on val: 7.5 over-saturates this small model (69% single objects right)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -150,7 +150,7 @@ def train_vae(out: Path, steps: int, seed: int) -> dict:
 def build_text_model(folder: Path):
     from transformers import CLIPTextModel
 
-    from comat_lightning.tiny_zoo import clip_tokenizer, text_encoder_config
+    from comat_lightning.tiny.tokenizers import clip_tokenizer, text_encoder_config
 
     # SD 1.x's tokenizer pads with the end token.
     tokenizer = clip_tokenizer(folder, pad_token="<|endoftext|>", model_max_length=TOKENS, words=CLIP_WORDS)
@@ -252,7 +252,7 @@ def build_blip(folder: Path) -> None:
     """An untrained BLIP in the hub's layout (config, weights, BERT WordPiece tokenizer, image processor)."""
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    from comat_lightning.tiny_zoo import bert_tokenizer
+    from comat_lightning.tiny.tokenizers import bert_tokenizer
 
     tokenizer = bert_tokenizer(folder, BLIP_WORDS)
     config = BlipConfig(
@@ -287,17 +287,10 @@ def through_vae(vae, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor
     return torch.cat(out).add(1).div(2)
 
 
-def swapped(things: list[world.Thing]) -> str:
-    """The caption with colours rotated between the objects: same words, wrong binding (for objects of different
-    shapes; with one shape twice, the rotated caption describes the same image)."""
-    colours = [t.colour for t in things]
-    return " and ".join(f"a {c} {t.shape}" for c, t in zip(colours[1:] + colours[:1], things))
-
-
 def train_captioner(out: Path, vae_dir: Path, steps: int, seed: int, batch: int = 32) -> dict:
     from diffusers import AutoencoderKL
 
-    from comat_lightning.captioner import CaptionScorer
+    from comat_lightning.judges.captioner import CaptionScorer
 
     torch.manual_seed(seed)
     work = Path(tempfile.mkdtemp(prefix="blip-untrained-"))
@@ -331,7 +324,7 @@ def train_captioner(out: Path, vae_dir: Path, steps: int, seed: int, batch: int 
         if step % 200 == 0 or step == steps - 1:
             log("captioner", step, steps, float(np.mean(losses[-200:])), start)
     model.requires_grad_(False)
-    check = binding_check(scorer, vae, seed + 30)
+    check = binding_check(scorer, vae, seed + 30, through_vae, to_tensor)
 
     with atomic_folder(out) as tmp:
         for name in os.listdir(work):  # tokenizer and processor files as built
@@ -340,52 +333,6 @@ def train_captioner(out: Path, vae_dir: Path, steps: int, seed: int, batch: int 
         model.save_pretrained(tmp)
     shutil.rmtree(work, ignore_errors=True)
     return {"steps": steps, "batch": batch, "final_loss": float(np.mean(losses[-200:])), "seconds": time.time() - start, **check}
-
-
-@torch.no_grad()
-def binding_check(scorer, vae, seed: int, count: int = 256) -> dict:
-    """How often the captioner prefers the true caption over the colour-swapped one, on held-out (test) pairs seen
-    through the VAE: the captioner's binding accuracy, which bounds what Concept Matching can teach."""
-    rng = np.random.default_rng(seed)
-    test = [pair for pair in world.composition_splits()["test"] if pair[0][1] != pair[1][1]]  # a swap changes them
-    things = [world.scene(rng, test[i % len(test)]) for i in range(count)]
-    images = through_vae(vae, to_tensor(things), torch.Generator().manual_seed(seed))
-    true_nll, _ = scorer(images, [world.caption(t) for t in things], crop=False)
-    swap_nll, _ = scorer(images, [swapped(t) for t in things], crop=False)
-    return {"captioner_binding_accuracy": float((true_nll < swap_nll).float().mean()), "captioner_true_nll": float(true_nll.mean())}
-
-
-# ------------------------------------------------------------------------------------------------ checks
-
-
-@torch.no_grad()
-def generation_check(sd_dir: Path, seed: int, per_kind: int = 8, pairs: int = 96) -> dict:
-    """The base model with the benchmark's sampler (DDPM, CFG): how often a single-object prompt gives exactly that
-    object (every kind, ``per_kind`` seeds), and its binding accuracy on unseen pairs (val: test stays untouched)."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-    from judge import judge_image, summarise
-
-    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
-    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-
-    def generate(objects_list, offset):
-        prompts = [" and ".join(f"a {c} {s}" for c, s in objects) for objects in objects_list]
-        generators = [torch.Generator().manual_seed(seed * 100_003 + offset + i) for i in range(len(prompts))]
-        images = pipe(prompts, height=world.IMAGE_SIZE, width=world.IMAGE_SIZE, generator=generators, output_type="np", **SAMPLER).images
-        return [judge_image((image * 255).round().astype(np.uint8), objects) for image, objects in zip(images, objects_list)]
-
-    singles = summarise(generate([[kind] for kind in world.OBJECT_TYPES for _ in range(per_kind)], 0))
-    val = world.composition_splits()["val"]
-    pairs_summary = summarise(generate([list(val[i % len(val)])[:: 1 if i % 2 else -1] for i in range(pairs)], 50_000))
-    return {
-        "single_object_correct": singles["binding_accuracy"],
-        "single_object_exact": singles["all_correct_rate"],
-        "single_object_clean": singles["clean_rate"],
-        "val_pair_binding_accuracy": pairs_summary["binding_accuracy"],
-        "sampler": f"DDPM {SAMPLER['num_inference_steps']} steps, CFG {SAMPLER['guidance_scale']}",
-    }
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -174,7 +174,7 @@ def prompt_record(things: list[Thing], seed: int | None = None, layout: bool = T
     """A JSONL record for the framework: the prompt, per-noun layout masks (COCO RLE, the rendered objects: what
     attribute concentration's JsonlMasks reads; only with ``layout``), the guidance concepts (the nouns), and the
     objects for the judge."""
-    from comat_lightning.masks import rle_encode
+    from comat_lightning.files.mask_files import rle_encode
 
     record = {"prompt": caption(things)}
     if layout:  # by noun; a shape named twice has no mask (attribute concentration drops such nouns anyway)

@@ -1,0 +1,1 @@
+"""Cross-attention maps: capture during a rollout, step-averaged summaries, concept-map maths."""

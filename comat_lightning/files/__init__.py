@@ -1,0 +1,1 @@
+"""Files the framework reads and writes: user paths, atomic writes, mask encodings, image grids."""

@@ -1,0 +1,1 @@
+"""Frozen models that score or segment images: captioner, discriminator, mask providers, metrics."""

@@ -1,0 +1,1 @@
+"""The diffusion backbone: loading, LoRA adapters and their files, FSDP2 sharding."""

@@ -1,0 +1,1 @@
+"""Keeping a run alive and resumable: signals, non-finite guard, checkpoint state, progress, statistics."""

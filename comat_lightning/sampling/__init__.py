@@ -1,0 +1,1 @@
+"""Denoising: the differentiable rollout, gradient-step policies, test-time guidance and prediction."""

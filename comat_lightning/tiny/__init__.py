@@ -1,0 +1,1 @@
+"""Offline stand-in models built from configs (tiny://) and the shapes world's models (shapes://)."""

@@ -1,0 +1,1 @@
+"""Command-line tools around training: real latents for fidelity preservation, entity preparation."""

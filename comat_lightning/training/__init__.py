@@ -1,0 +1,1 @@
+"""The training module (CoMatModule), the loss contract, options and start-up checks."""
