@@ -18,6 +18,8 @@ the rollout cost).
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Literal, Optional
 
 import torch
@@ -85,6 +87,18 @@ class FidelityPreservationLoss(AdversarialLoss):
     @property
     def optimizer_name(self) -> str:
         return self.optimizer_config.name
+
+    @property
+    def optimizer(self) -> str:
+        """The discriminator optimizer's name (the ``optimizer`` option); settable until the optimizers are built."""
+        return self.optimizer_config.name
+
+    @optimizer.setter
+    def optimizer(self, name: str) -> None:
+        try:  # re-checked as at construction
+            self.optimizer_config = dataclasses.replace(self.optimizer_config, name=name)
+        except OptionProblems as err:
+            raise err.renamed("FidelityPreservationLoss", {"name": "optimizer"}) from None
 
     def lora_targets(self, stage: str) -> list[tuple[str, list[str]]]:
         """On the generator's own UNet (no ``discriminator_model``), the discriminator's LoRA targets its modules."""

@@ -17,8 +17,12 @@ class NonFiniteOnSteps(ConceptMatchingLoss):
         self.bad_steps = set(bad_steps)
         self.value = value
 
-    def compute(self, pl_module, generated):
-        loss, logs = super().compute(pl_module, generated)
-        if pl_module.training and pl_module.generator_step in self.bad_steps:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.module = pl_module  # the step counter and train/eval mode: not part of the loss contract (LossContext)
+
+    def compute(self, context, generated):
+        loss, logs = super().compute(context, generated)
+        if self.module.training and self.module.generator_step in self.bad_steps:
             loss = loss * torch.tensor(self.value)
         return loss, logs
