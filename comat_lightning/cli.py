@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+
+from comat_lightning.command_errors import full_traceback_wanted, short_report
 
 from comat_lightning.training.module import CoMatModule
 from datamodules.prompts import PromptDataModule
@@ -18,6 +23,13 @@ class CoMatCLI(LightningCLI):
         parser.link_arguments("model.pretrained_model", "data.tokenizer_model")
         # Real latents in the data are checked against the latent size the model will generate.
         parser.link_arguments("model.sampler.resolution", "data.latent_resolution")
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as error:
+            error.option_names = option_names(parser, args)  # for "did you mean ...?" in the short report
+            raise
 
     def before_instantiate_classes(self) -> None:
         name_runs_after_config(self.config.get(self.subcommand) if self.subcommand else self.config)
@@ -50,6 +62,9 @@ class CoMatCLI(LightningCLI):
         config["ckpt_path"] = str(path) if path is not None else None
 
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
 def name_runs_after_config(config) -> None:
     """Runs are named after their (last) config file unless the config names them: a TensorBoard logger without
     a name logs to ``<save_dir>/<config stem>/version_N`` and a ModelCheckpoint without a dirpath writes to
@@ -69,7 +84,61 @@ def name_runs_after_config(config) -> None:
             callback.init_args.dirpath = str(Path(init.get("save_dir") or ".") / init.name / "checkpoints")
 
 
-def main(args=None, run: bool = True) -> CoMatCLI:
+def option_names(parser, args) -> list[str]:
+    """Every ``--option`` of the subcommand being parsed (``fit``, ...), or of the top-level parser."""
+    argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+    subcommands = getattr(getattr(parser, "_subcommands_action", None), "choices", None) or {}
+    chosen = next((subcommands[a] for a in argv if a in subcommands), parser)
+    return [o for action in chosen._actions for o in action.option_strings if o.startswith("--")]
+
+
+# Third-party messages that are harmless for this project, by the logger that emits them. Silenced only by the
+# entry point (command_line), never by library code: a user embedding the package keeps them.
+KNOWN_NOISE = {
+    "lightning.pytorch.utilities.rank_zero": (
+        "💡 Tip:",  # litlogger / litmodels advertisements
+        "will override existing callbacks passed to Trainer: RichProgressBar",  # the module brings its own bar
+    ),
+    "transformers.utils.import_utils": ("requires torchvision (not installed)",),  # the PIL processors are used
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),  # optional CPU kernels package
+}
+
+
+def quiet_startup() -> None:
+    """Silence :data:`KNOWN_NOISE` and known-harmless deprecation warnings of our dependencies (once)."""
+    if getattr(quiet_startup, "done", False):
+        return
+    quiet_startup.done = True
+    for name, starts in KNOWN_NOISE.items():
+        logging.getLogger(name).addFilter(lambda record, starts=starts: not any(s in record.getMessage() for s in starts))
+    # Per-file "Loading weights" / "Writing model shards" bars of transformers and the hub: the run's own bar and
+    # log lines say what happens; these would interleave with them.
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    # torch's pytree deprecates LeafSpec isinstance checks that Lightning still makes; nothing for us to change.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+
+
+def command_line(argv: list[str] | None = None) -> None:
+    """``python train.py ...``: :func:`main`, with configuration and input errors reported in a few lines (the
+    option, file:line or class path, and the closest valid name) and exit status 2 instead of a traceback and a
+    usage dump. ``COMAT_TRACEBACK=1`` keeps the full traceback."""
+    given, argv = argv, sys.argv[1:] if argv is None else argv
+    quiet_startup()
+    try:
+        main(args=given, exit_on_error=False)
+    except Exception as error:  # noqa: BLE001 - reported briefly only if it is the user's to fix
+        report = None if full_traceback_wanted() else short_report(error, argv, getattr(error, "option_names", None))
+        if report is None:
+            raise
+        print(report, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(args=None, run: bool = True, exit_on_error: bool = True) -> CoMatCLI:
     # Tokenizers' thread pool warns (and can deadlock) when DataLoader workers fork after first use.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The frozen models (VAE, text encoders, captioner) are in eval mode on purpose.
@@ -80,6 +149,8 @@ def main(args=None, run: bool = True) -> CoMatCLI:
         CoMatModule,
         PromptDataModule,
         save_config_kwargs={"overwrite": True},
+        # exit_on_error=False: a parse error is raised (argparse.ArgumentError) for command_line() to report.
+        parser_kwargs={"exit_on_error": exit_on_error, **{c: {"exit_on_error": exit_on_error} for c in SUBCOMMANDS}},
         args=args,
         run=run,
         auto_configure_optimizers=False,  # the module owns its optimizers (manual optimization)

@@ -12,6 +12,7 @@ from conftest import REPO
 # The layers of comat_lightning, lowest first: a module imports from its own package or from lower layers only.
 LAYERS = [
     {"errors", "legacy"},
+    {"command_errors", "command_help"},  # the short error reports and the overview of train.py
     {"tiny"},
     {"files"},
     {"text", "runtime", "models"},
