@@ -12,7 +12,6 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from comat_lightning.command_errors import full_traceback_wanted, short_report
-
 from comat_lightning.training.module import CoMatModule
 from datamodules.prompts import PromptDataModule
 
