@@ -9,7 +9,7 @@ from callbacks.image_logging import AttentionMapLogger, SampleImageLogger
 from callbacks.lora_export import ExportLoRA
 from callbacks.prediction_writer import ImageWriter
 from comat_lightning.runtime.graceful_stop import GracefulStop
-from comat_lightning.runtime.progress import GeneratorStepProgressBar, GeneratorStepRichProgressBar
+from comat_lightning.runtime.progress import GeneratorStepProgress, GeneratorStepProgressBar, GeneratorStepRichProgressBar
 from comat_lightning.training.losses import AdversarialLoss, GeneratedBatch, LossCallback, LossNeeds
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "ConceptMatchingLoss",
     "FidelityPreservationLoss",
     "ExportLoRA",
+    "GeneratorStepProgress",
     "GeneratorStepProgressBar",
     "GracefulStop",
     "GeneratorStepRichProgressBar",

@@ -1,73 +1,225 @@
-"""Progress bars that count generator steps: ``Step 120/5000`` with the main losses beside it.
+"""Progress that counts generator steps: one line for the whole run, with rate, elapsed time and ETA.
 
 Lightning's bars count the batches of the current epoch; a CoMat run is sized in generator steps
-(``trainer.max_steps``) and usually spans many short epochs over a small prompt file, so a per-epoch bar says
-little. These bars show the generator step and its total across epochs (a resumed run starts where it stopped);
-validation, test and predict bars are Lightning's own. :meth:`CoMatModule.configure_callbacks` puts them in place
-of Lightning's default bar (Rich when installed, else tqdm); a bar you configure yourself is left alone.
+(``trainer.max_steps``) and spans many short epochs over a small prompt file, so a per-epoch bar restarts its clock
+and rate at every epoch and shows no useful ETA. :class:`GeneratorStepProgress` counts generator steps toward
+``max_steps`` from the start of the process (a resumed run starts at its step), and:
+
+- on a terminal, redraws one line, cut to the terminal's width (never wraps)::
+
+    step 120/5000   2% 3:29<2:21:10 0.57 step/s | concept 6.31 attr 0.002 fid 0.75
+
+  (with a drawn bar ``|##------|`` after the percentage when the terminal is wide enough)
+
+- when the output is a file or a pipe, prints a plain line every ``log_every_seconds`` (and at the first and last
+  step), flushed at once, so ``tail -f`` of a log shows the run as it goes.
+
+Validation, test and predict report their batch count the same way. :meth:`CoMatModule.configure_callbacks` puts it
+in place of Lightning's default bar; a bar you configure yourself is left alone.
 """
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+import shutil
+import sys
+import time
+
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+
+# Short names for the progress line (the logged names stay the long ones): at 80 columns every term must fit.
+SHORT_NAMES = {
+    "concept_matching": "concept",
+    "attribute_concentration": "attr",
+    "fidelity_preservation": "fid",
+    "attention_segregation": "segregation",
+    "attention_retention": "retention",
+}
+BAR_WIDTH = 16  # characters of the drawn bar on a terminal
 
 
-def _generator_step(trainer) -> int:
-    return int(getattr(trainer.lightning_module, "generator_step", trainer.global_step))
+def clock(seconds: float) -> str:
+    """``h:mm:ss`` (or ``m:ss`` under an hour)."""
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-class _CountsGeneratorSteps:
+def terms_text(metrics: dict) -> str:
+    """``concept 6.31 attr 0.002 fid 0.75``: the progress-bar metrics with short names, 3 significant digits; the
+    total ``loss`` only when it is not just the sum of several terms shown beside it (80 columns are few)."""
+    parts = []
+    numbers = {name: value for name, value in metrics.items() if name != "v_num"}
+    if len(numbers) > 2:
+        numbers.pop("loss", None)
+    for name, value in numbers.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        parts.append(f"{SHORT_NAMES.get(name, name)} {number:.3g}")
+    return " ".join(parts)
+
+
+def status_line(label: str, done: int, total: int | None, elapsed: float, rate: float | None, terms: str = "",
+                drawn: bool = False, bar: bool = True) -> str:  # fmt: skip
+    """One progress line: ``label done/total pct [bar] elapsed<eta rate | terms``; ``drawn``: the terminal form
+    (with the bar unless ``bar=False``), else the plain form for log files."""
+    parts = [f"{label} {done}/{total if total else '?'}"]
+    if total:
+        fraction = min(done / total, 1.0)
+        parts.append(f"{100 * fraction:3.0f}%")
+        if drawn and bar:
+            filled = round(BAR_WIDTH * fraction)
+            parts.append("|" + "#" * filled + "-" * (BAR_WIDTH - filled) + "|")
+    eta = (total - done) / rate if total and rate else None
+    parts.append(clock(elapsed) + (f"<{clock(eta)}" if eta is not None else "") if drawn else f"elapsed {clock(elapsed)}")
+    if not drawn and eta is not None:
+        parts.append(f"eta {clock(eta)}")
+    if rate:
+        parts.append(f"{rate:.3g} {label}/s" if rate >= 0.1 else f"{1 / rate:.3g} s/{label}")
+    return " ".join(parts) + (f" | {terms}" if terms else "")
+
+
+class GeneratorStepProgress(ProgressBar):
+    """The run's progress in generator steps (see the module docstring). ``log_every_seconds``: the interval of the
+    plain lines when the output is not a terminal; ``refresh_seconds``: how often the terminal line is redrawn."""
+
+    def __init__(self, log_every_seconds: float = 30.0, refresh_seconds: float = 0.5, stream=None):
+        super().__init__()
+        self.log_every_seconds = log_every_seconds
+        self.refresh_seconds = refresh_seconds
+        self._stream = stream
+        self._enabled = True
+        self._start = self._last = 0.0
+        self._start_step = 0
+        self._line_open = False  # a terminal line is drawn and not yet ended with a newline
+
+    # Lightning's ProgressBar interface.
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
     @property
-    def total_train_batches(self):
-        # max_steps counts generator steps (the module steps the discriminator's optimizer outside Lightning's count).
-        max_steps = self.trainer.max_steps
-        return max_steps if max_steps is not None and max_steps > 0 else super().total_train_batches
+    def is_enabled(self) -> bool:
+        return self._enabled and (self._trainer is None or self.trainer.is_global_zero)
 
-    def _description(self, trainer) -> str:
-        return f"Step (epoch {trainer.current_epoch})"
+    @property
+    def stream(self):
+        return self._stream or sys.stderr
 
+    @property
+    def on_terminal(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
 
-class GeneratorStepProgressBar(_CountsGeneratorSteps, TQDMProgressBar):
-    def on_train_epoch_start(self, trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        bar = self.train_progress_bar
-        bar.n = _generator_step(trainer)
-        bar.set_description(self._description(trainer))
-        bar.refresh()
+    def total_steps(self, trainer) -> int | None:
+        """``max_steps`` (generator steps), else the batches of all epochs if known, else None."""
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        batches, epochs = trainer.num_training_batches, trainer.max_epochs
+        if isinstance(batches, int) and epochs is not None and epochs > 0:
+            return batches * epochs
+        return None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = _generator_step(trainer)
-        bar = self.train_progress_bar
-        if bar is not None and self._should_update(step, bar.total or 0):
-            if not bar.disable:
-                bar.n = step
-                bar.refresh()
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+    @staticmethod
+    def generator_step(trainer) -> int:
+        return int(getattr(trainer.lightning_module, "generator_step", trainer.global_step))
 
-
-class GeneratorStepRichProgressBar(_CountsGeneratorSteps, RichProgressBar):
-    def _get_train_description(self, current_epoch: int) -> str:
-        return self._description(self.trainer)
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        self._update(self.train_progress_bar_id, _generator_step(trainer))
+    # Training.
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = self._last = time.monotonic()
+        self._start_step = self.generator_step(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.is_disabled and self.train_progress_bar_id is None:  # resumed mid-epoch
-            self._initialize_train_progress_bar_id()
-        self._update(self.train_progress_bar_id, _generator_step(trainer))
-        self._update_metrics(trainer, pl_module)
-        self.refresh()
+        step = self.generator_step(trainer)
+        self._report("step", step, self.total_steps(trainer), trainer, first=step == self._start_step + 1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._report("step", self.generator_step(trainer), self.total_steps(trainer), trainer, final=True)
+
+    # Validation, test, predict: the batch count of the stage, on the same line on a terminal.
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._stage("validate", trainer, batch_idx, self.total_val_batches_current_dataloader)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._stage("test", trainer, batch_idx, self.total_test_batches_current_dataloader)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._stage("predict", trainer, batch_idx, self.total_predict_batches_current_dataloader)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._end_line()
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._end_line()
+
+    def _stage(self, label: str, trainer, batch_idx: int, total) -> None:
+        if not self.is_enabled:
+            return
+        if not self._start:
+            self._start = self._last = time.monotonic()
+        total = int(total) if isinstance(total, (int, float)) and total != float("inf") else None
+        if trainer.training and self.on_terminal:  # validation inside fit: after the step line
+            step = self.generator_step(trainer)
+            self._draw(f"step {step}/{self.total_steps(trainer) or '?'} | {label} {batch_idx + 1}/{total or '?'}")
+        elif not trainer.training:
+            self._report(label, batch_idx + 1, total, trainer, first=batch_idx == 0, final=total == batch_idx + 1)
+
+    def _report(self, label: str, done: int, total: int | None, trainer, first: bool = False, final: bool = False) -> None:
+        if not self.is_enabled:
+            return
+        now = time.monotonic()
+        interval = self.refresh_seconds if self.on_terminal else self.log_every_seconds
+        if not (first or final or now - self._last >= interval):
+            return
+        self._last = now
+        elapsed = now - self._start
+        progress = done - self._start_step if label == "step" else done
+        rate = progress / elapsed if progress > 0 and elapsed > 0 else None
+        terms = terms_text(trainer.progress_bar_metrics) if label == "step" else ""
+        line = status_line(label, done, total, elapsed, rate, terms, drawn=self.on_terminal)
+        if self.on_terminal:
+            if len(line) > self.width:  # a narrow terminal: the terms matter more than the drawn bar
+                line = status_line(label, done, total, elapsed, rate, terms, drawn=True, bar=False)
+            self._draw(line)
+            if final:
+                self._end_line()
+        else:
+            print(line, file=self.stream, flush=True)
+
+    @property
+    def width(self) -> int:
+        return shutil.get_terminal_size((80, 24)).columns - 1  # never the last column: some terminals wrap there
+
+    def _draw(self, line: str) -> None:
+        width = self.width
+        self.stream.write("\r" + line[:width].ljust(width))
+        self.stream.flush()
+        self._line_open = True
+
+    def _end_line(self) -> None:
+        if self._line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_open = False
+
+    def print(self, *args, sep: str = " ", **kwargs) -> None:  # Lightning's trainer.print while a bar is drawn
+        self._end_line()
+        print(*args, sep=sep, file=self.stream, flush=True, **kwargs)
 
 
 def generator_step_bar(bar):
-    """The generator-step version of Lightning's default bar ``bar``, or None for any other (or no) bar."""
-    if type(bar) is TQDMProgressBar:
-        return GeneratorStepProgressBar(refresh_rate=bar.refresh_rate, process_position=bar.process_position, leave=bar._leave)
-    if type(bar) is RichProgressBar:
-        return GeneratorStepRichProgressBar(refresh_rate=bar.refresh_rate, leave=bar._leave, theme=bar.theme, console_kwargs=bar._console_kwargs)
+    """:class:`GeneratorStepProgress` in place of Lightning's default bar ``bar`` (its tqdm or Rich bar, as
+    Lightning chose it); None for any other (or no) bar: one you configured stays."""
+    if type(bar) in (TQDMProgressBar, RichProgressBar):
+        return GeneratorStepProgress()
     return None
 
 
-__all__ = ["GeneratorStepProgressBar", "GeneratorStepRichProgressBar", "generator_step_bar"]
+# The names of earlier releases (a tqdm and a Rich bar): configs naming them get the one progress callback.
+GeneratorStepProgressBar = GeneratorStepRichProgressBar = GeneratorStepProgress
+
+__all__ = ["GeneratorStepProgress", "GeneratorStepProgressBar", "GeneratorStepRichProgressBar", "generator_step_bar",
+           "status_line", "terms_text"]  # fmt: skip

@@ -241,7 +241,10 @@ class CoMatModule(LightningModule):
         from comat_lightning.runtime.graceful_stop import GracefulStop
         from comat_lightning.runtime.progress import generator_step_bar
 
-        bar = generator_step_bar(self.trainer.progress_bar_callback)
+        default_bar = self.trainer.progress_bar_callback
+        bar = generator_step_bar(default_bar)
+        if bar is not None:  # Lightning only replaces a callback by a subclass of it: its default bar goes here
+            self.trainer.callbacks.remove(default_bar)
         extra = [bar] if bar is not None else []
         if not any(isinstance(cb, GracefulStop) for cb in self.trainer.callbacks):  # a configured one keeps its settings
             extra.append(GracefulStop())

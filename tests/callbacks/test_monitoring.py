@@ -107,7 +107,7 @@ def test_demo_logs_finite_training_scalars(demo_run):
 
 
 def test_demo_writes_metrics_json_per_validation_and_counts_generator_steps_in_the_progress_bar(demo_run):
-    from comat_lightning.runtime.progress import GeneratorStepProgressBar, GeneratorStepRichProgressBar
+    from comat_lightning.runtime.progress import GeneratorStepProgress
 
     cli, log_dir = demo_run
     files = sorted((log_dir / "metrics").glob("*.json"))
@@ -115,8 +115,8 @@ def test_demo_writes_metrics_json_per_validation_and_counts_generator_steps_in_t
     result = json.loads(files[-1].read_text())
     assert result["generator_step"] == 4 and set(result["metrics"]) == {"caption_nll", "concept_overlap", "clip_score"}
     bar = cli.trainer.progress_bar_callback
-    assert isinstance(bar, (GeneratorStepProgressBar, GeneratorStepRichProgressBar))
-    assert bar.total_train_batches == 4  # max_steps, not the batches of one epoch (the demo has 6 per epoch)
+    assert isinstance(bar, GeneratorStepProgress)
+    assert bar.total_steps(cli.trainer) == 4  # max_steps, not the batches of one epoch (the demo has 6 per epoch)
 
 
 def test_a_corner_concentrated_map_is_brightest_in_that_corner_of_the_logged_image(tmp_path):
