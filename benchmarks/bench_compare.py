@@ -5,7 +5,7 @@ Each config runs in its own fresh process (so peak memory is that config's own),
 writes them to benchmarks/results/<name>.json.
 
     python benchmarks/bench_compare.py --name attribute_concentration_cost \\
-        configs/demo_no_attribute.yaml configs/demo.yaml
+        configs/tiny_demo_no_attribute.yaml configs/tiny_demo.yaml
 """
 
 from __future__ import annotations

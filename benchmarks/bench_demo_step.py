@@ -1,7 +1,7 @@
 """Seconds per generator step and peak memory of a config (default: the CPU demo). Not a test: prints figures
 and writes them to benchmarks/results/<config>_step.json.
 
-    python benchmarks/bench_demo_step.py                     # configs/demo.yaml, 25 steps, 5 warm-up
+    python benchmarks/bench_demo_step.py                     # configs/tiny_demo.yaml, 25 steps, 5 warm-up
     python benchmarks/bench_demo_step.py --config configs/demo_sdxl.yaml --steps 25
 """
 
@@ -25,7 +25,7 @@ from benchmarks.results_file import RESULTS, save_results  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny_demo.yaml"))
     parser.add_argument("--steps", type=int, default=25, help="generator steps to run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the statistics")
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/<config>_step.json)")

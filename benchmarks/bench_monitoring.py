@@ -25,8 +25,8 @@ LOGGERS = ("callbacks.AttentionMapLogger", "callbacks.SampleImageLogger")
 
 
 def variant(every_n_steps: int | None) -> dict:
-    """configs/demo.yaml with both loggers every ``every_n_steps`` steps (None: without them)."""
-    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    """configs/tiny_demo.yaml with both loggers every ``every_n_steps`` steps (None: without them)."""
+    cfg = yaml.safe_load((REPO / "configs" / "tiny_demo.yaml").read_text())
     callbacks = []
     for callback in cfg["trainer"]["callbacks"]:
         if callback["class_path"] in LOGGERS:

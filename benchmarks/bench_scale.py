@@ -173,7 +173,7 @@ def bench_config(pipeline: str, captioner: str, *, accelerator: str, precision: 
     models and sizes."""
     import yaml
 
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "tiny_demo.yaml").read_text())
     trainer = config["trainer"]
     trainer["callbacks"] = [cb for cb in trainer["callbacks"] if cb["class_path"].split(".")[-1] in _LOSSES]
     for cb in trainer["callbacks"]:

@@ -31,14 +31,14 @@ from typing import Optional
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINTS = Path("runs") / "demo" / "checkpoints"  # relative to a run's working folder
-LOG_FOLDER = Path("runs") / "demo" / "version_0"  # created by the logger in `fit`'s set-up, before models load
+CHECKPOINTS = Path("runs") / "tiny_demo" / "version_0" / "checkpoints"  # relative to a run's working folder
+LOG_FOLDER = Path("runs") / "tiny_demo" / "version_0"  # created by the logger in `fit`'s set-up, before models load
 
 
 def write_config(workdir: Path, keep: int = 3) -> Path:
     """The demo config with a checkpoint after every generator step (the newest ``keep`` step files kept, plus
     last.ckpt), no validation, no progress bar, and the prompt files addressed absolutely."""
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "tiny_demo.yaml").read_text())
     trainer = config["trainer"]
     trainer.update(limit_val_batches=0, enable_progress_bar=False)
     for callback in trainer["callbacks"]:
@@ -47,7 +47,7 @@ def write_config(workdir: Path, keep: int = 3) -> Path:
     for key in ("train_file", "val_file"):
         config["data"][key] = str(REPO / config["data"][key])
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "demo.yaml"  # the run is named after the file: runs/demo/...
+    path = workdir / "tiny_demo.yaml"  # the run is named after the file: runs/tiny_demo/...
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -65,7 +65,7 @@ def run_fit(workdir: Path, steps: int, resume: bool = False, kill: Optional[tupl
     """``python train.py fit`` in ``workdir``. ``kill=(signal, seconds)`` sends the signal that long after the file
     ``anchor`` (relative to ``workdir``) appears, or after start without an anchor."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(workdir / "demo.yaml"), f"--trainer.max_steps={steps}"]
+    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(workdir / "tiny_demo.yaml"), f"--trainer.max_steps={steps}"]
     if resume:
         cmd.append("--ckpt_path=last")
     log_path = workdir / f"fit-{time.monotonic_ns()}.log"

@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -31,10 +32,16 @@ class CoMatCLI(LightningCLI):
             raise
 
     def before_instantiate_classes(self) -> None:
-        name_runs_after_config(self.config.get(self.subcommand) if self.subcommand else self.config)
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        self._resume_from = name_runs_after_config(config, resume=config.get("ckpt_path") == "last")
 
     def before_fit(self) -> None:
         self._resolve_last_checkpoint("fit")
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        if log_dir is not None:
+            from comat_lightning.runtime.run_folders import DiscardFailedStart
+
+            self.trainer.callbacks.append(DiscardFailedStart(Path(log_dir)))
 
     def before_validate(self) -> None:
         self._resolve_last_checkpoint("validate")
@@ -46,15 +53,16 @@ class CoMatCLI(LightningCLI):
         self._resolve_last_checkpoint("predict")
 
     def _resolve_last_checkpoint(self, subcommand: str) -> None:
-        """``--ckpt_path last``: the newest checkpoint in the run's checkpoint folder that loads. Lightning would take
-        the newest ``last*.ckpt`` and fail on it if it is unreadable; we warn and take the previous good one."""
+        """``--ckpt_path last``: the newest checkpoint of the run that loads (found when the run folder was chosen,
+        else in the checkpoint folders). Lightning would take the newest ``last*.ckpt`` and fail on it if it is
+        unreadable; we warn and take the previous good one."""
         config = self.config_init[subcommand]
         if config.get("ckpt_path") != "last":
             return
         from comat_lightning.runtime.checkpoint_files import checkpoint_folders, resume_path
 
         folders = checkpoint_folders(self.trainer)
-        path = resume_path(folders)
+        path = getattr(self, "_resume_from", None) or resume_path(folders)
         if path is None:
             where = ", ".join(str(f) for f in folders) or "(no ModelCheckpoint callback)"
             warnings.warn(f"--ckpt_path last: no loadable checkpoint in {where}; starting from the beginning", stacklevel=1)
@@ -64,31 +72,39 @@ class CoMatCLI(LightningCLI):
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def name_runs_after_config(config) -> None:
-    """Runs are named after their (last) config file unless the config names them: a TensorBoard logger without
-    a name logs to ``<save_dir>/<config stem>/version_N`` and a ModelCheckpoint without a dirpath writes to
-    ``<save_dir>/<config stem>/checkpoints``, a fixed folder, so ``--ckpt_path last`` finds the run's last
-    checkpoint from a new process. Two configs that differ only in their callbacks (an ablation) thus never share
-    a checkpoint folder."""
+def name_runs_after_config(config, resume: bool = False) -> Optional[Path]:
+    """One run, one folder (comat_lightning/runtime/run_folders.py). With a TensorBoard logger:
+
+    - a logger without a name logs under ``<save_dir>/<config stem>``: two configs that differ only in their
+      callbacks (an ablation) never share a folder;
+    - a logger without a version gets one here: the next free ``version_N`` for a new run; for ``--ckpt_path
+      last`` (``resume``), the version whose checkpoint is resumed, so the resumed run continues in the same
+      folder and TensorBoard shows one run;
+    - a ModelCheckpoint without a dirpath writes to ``version_N/checkpoints``: different runs of one config never
+      mix their checkpoints.
+
+    Returns the checkpoint to resume from when ``resume`` found one (else None)."""
     files = [f for f in (config.get("config") or []) if f]
     trainer = config.get("trainer")
     logger = trainer.get("logger") if trainer is not None else None
-    if not files or not hasattr(logger, "class_path") or not str(logger.class_path).endswith("TensorBoardLogger"):
-        return
+    if not hasattr(logger, "class_path") or not str(logger.class_path).endswith("TensorBoardLogger"):
+        return None
+    from comat_lightning.runtime.run_folders import next_version, resume_version
+
     init = logger.init_args
     if init.get("name") in (None, "lightning_logs"):
-        init.name = Path(str(files[-1])).stem
+        init.name = Path(str(files[-1])).stem if files else "lightning_logs"
+    run_root = Path(init.get("save_dir") or ".") / str(init.name)
+    resume_from = None
+    if init.get("version") is None:
+        version, resume_from = resume_version(run_root.absolute()) if resume else (None, None)
+        init.version = version if version is not None else next_version(run_root)
+    version = init.version
+    run_dir = run_root / (version if isinstance(version, str) else f"version_{version}")
     for callback in trainer.get("callbacks") or []:
         if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
-            callback.init_args.dirpath = str(Path(init.get("save_dir") or ".") / init.name / "checkpoints")
-
-
-def option_names(parser, args) -> list[str]:
-    """Every ``--option`` of the subcommand being parsed (``fit``, ...), or of the top-level parser."""
-    argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
-    subcommands = getattr(getattr(parser, "_subcommands_action", None), "choices", None) or {}
-    chosen = next((subcommands[a] for a in argv if a in subcommands), parser)
-    return [o for action in chosen._actions for o in action.option_strings if o.startswith("--")]
+            callback.init_args.dirpath = str(run_dir / "checkpoints")
+    return resume_from
 
 
 # Third-party messages that are harmless for this project, by the logger that emits them. Silenced only by the

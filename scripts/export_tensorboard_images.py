@@ -1,6 +1,6 @@
 """Save images logged to TensorBoard as PNG files (e.g. the monitoring grids shown in the README).
 
-    python scripts/export_tensorboard_images.py runs/demo/version_0 --out docs/ [--tag samples/base_vs_finetuned] [--step 40]
+    python scripts/export_tensorboard_images.py runs/tiny_demo/version_0 --out docs/ [--tag samples/base_vs_finetuned] [--step 40]
 
 Without ``--tag`` every image tag is exported; without ``--step`` the last logged image of each tag. Files are
 named ``<tag with / replaced by __>_step<N>.png``.

@@ -72,6 +72,20 @@ def instantiate_cli(args: list[str]):
     return run_cli(args, run=False)
 
 
+def tensorboard_images(log_dir: Path) -> list[str]:
+    """The image tags under ``log_dir`` (all event files, recursively)."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: list[str] = []
+    for events in sorted(glob.glob(str(log_dir / "**" / "events.out.tfevents.*"), recursive=True)):
+        acc = EventAccumulator(events, size_guidance={"images": 1})
+        acc.Reload()
+        tags += acc.Tags()["images"]
+    return tags
+
+
 def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar under ``log_dir`` (all event files, recursively): tag -> [(step, value), ...]."""
     import glob

@@ -50,7 +50,7 @@ def test_old_module_paths_still_import_with_a_warning_naming_the_new_place(monke
         importlib.import_module("comat_lightning.tiny_zoo").clip_tokenizer  # noqa: B018 (a split module: found in its successor)
     # a config that names the old path still instantiates
     monkeypatch.setattr(DiffusionBackbone, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
-    cli = instantiate_cli(["--config", str(REPO / "configs" / "demo.yaml"), "--trainer.logger=false",
+    cli = instantiate_cli(["--config", str(REPO / "configs" / "tiny_demo.yaml"), "--trainer.logger=false",
                            "--model.gradient_steps.class_path=comat_lightning.rollout.EvenlySpacedSteps",
                            "--model.gradient_steps.init_args.num_gradient_steps=3"])  # fmt: skip
     assert isinstance(cli.model.gradient_steps, comat_lightning.EvenlySpacedSteps) and cli.model.gradient_steps.num_gradient_steps == 3

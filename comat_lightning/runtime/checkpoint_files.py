@@ -69,6 +69,22 @@ def resume_path(folders: Iterable[Path]) -> Optional[Path]:
     return None
 
 
+def checkpoint_values(folders: Iterable[Path], key: str) -> set[int]:
+    """The integer values of ``key`` in every readable checkpoint in ``folders`` (read memory-mapped: only the index and
+    the small entries are loaded)."""
+    import torch
+
+    steps = set()
+    for path in (p for folder in folders if folder.is_dir() for p in folder.glob("*.ckpt")):
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint keeps no export alive
+            continue
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), int):
+            steps.add(checkpoint[key])
+    return steps
+
+
 def remove_stale_temporaries(folders: Iterable[Path]) -> list[Path]:
     """Delete the temporary files of checkpoint writes whose process is gone (killed mid-write); return them."""
     removed = [path for folder in folders for path in stale_temporaries(folder)]
@@ -77,4 +93,4 @@ def remove_stale_temporaries(folders: Iterable[Path]) -> list[Path]:
     return removed
 
 
-__all__ = ["checkpoint_folders", "remove_stale_temporaries", "resume_path", "stop_checkpoint_path", "unreadable_reason"]
+__all__ = ["checkpoint_folders", "checkpoint_values", "remove_stale_temporaries", "resume_path", "stop_checkpoint_path", "unreadable_reason"]

@@ -81,6 +81,14 @@ def status_line(label: str, done: int, total: int | None, elapsed: float, rate: 
     return " ".join(parts) + (f" | {terms}" if terms else "")
 
 
+def batches(counts, dataloader_idx: int):
+    """The batch count of one evaluation dataloader (Lightning's per-dataloader list), or None if unknown."""
+    try:
+        return counts[dataloader_idx]
+    except (IndexError, KeyError, TypeError):
+        return None
+
+
 class GeneratorStepProgress(ProgressBar):
     """The run's progress in generator steps (see the module docstring). ``log_every_seconds``: the interval of the
     plain lines when the output is not a terminal; ``refresh_seconds``: how often the terminal line is redrawn."""
@@ -91,7 +99,7 @@ class GeneratorStepProgress(ProgressBar):
         self.refresh_seconds = refresh_seconds
         self._stream = stream
         self._enabled = True
-        self._start = self._last = 0.0
+        self._start = self._last = self._stage_start = 0.0
         self._start_step = 0
         self._line_open = False  # a terminal line is drawn and not yet ended with a newline
 
@@ -141,13 +149,13 @@ class GeneratorStepProgress(ProgressBar):
 
     # Validation, test, predict: the batch count of the stage, on the same line on a terminal.
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._stage("validate", trainer, batch_idx, self.total_val_batches_current_dataloader)
+        self._stage("validate", trainer, batch_idx, batches(trainer.num_val_batches, dataloader_idx))
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._stage("test", trainer, batch_idx, self.total_test_batches_current_dataloader)
+        self._stage("test", trainer, batch_idx, batches(trainer.num_test_batches, dataloader_idx))
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._stage("predict", trainer, batch_idx, self.total_predict_batches_current_dataloader)
+        self._stage("predict", trainer, batch_idx, batches(trainer.num_predict_batches, dataloader_idx))
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._end_line()
@@ -158,16 +166,23 @@ class GeneratorStepProgress(ProgressBar):
     def _stage(self, label: str, trainer, batch_idx: int, total) -> None:
         if not self.is_enabled:
             return
-        if not self._start:
-            self._start = self._last = time.monotonic()
         total = int(total) if isinstance(total, (int, float)) and total != float("inf") else None
-        if trainer.training and self.on_terminal:  # validation inside fit: after the step line
-            step = self.generator_step(trainer)
-            self._draw(f"step {step}/{self.total_steps(trainer) or '?'} | {label} {batch_idx + 1}/{total or '?'}")
-        elif not trainer.training:
-            self._report(label, batch_idx + 1, total, trainer, first=batch_idx == 0, final=total == batch_idx + 1)
+        now = time.monotonic()
+        if batch_idx == 0:
+            self._stage_start = now
+        if trainer.state.fn == "fit":  # validation inside fit: after the step line on a terminal; a log gets one line
+            if self.on_terminal:
+                step = self.generator_step(trainer)
+                self._draw(f"step {step}/{self.total_steps(trainer) or '?'} | {label} {batch_idx + 1}/{total or '?'}")
+            elif total is not None and batch_idx + 1 == total:
+                print(f"{label}: {total} batches in {clock(now - self._stage_start)}", file=self.stream, flush=True)
+            return
+        self._report(label, batch_idx + 1, total, trainer, first=batch_idx == 0, final=total == batch_idx + 1,
+                     start=(self._stage_start, 0))  # fmt: skip
 
-    def _report(self, label: str, done: int, total: int | None, trainer, first: bool = False, final: bool = False) -> None:
+    def _report(self, label: str, done: int, total: int | None, trainer, first: bool = False, final: bool = False,
+                start: tuple[float, int] | None = None) -> None:  # fmt: skip
+        """A progress line (throttled); ``start``: (time, count) the rate counts from (default: the run's)."""
         if not self.is_enabled:
             return
         now = time.monotonic()
@@ -175,8 +190,9 @@ class GeneratorStepProgress(ProgressBar):
         if not (first or final or now - self._last >= interval):
             return
         self._last = now
-        elapsed = now - self._start
-        progress = done - self._start_step if label == "step" else done
+        began, began_at = start if start is not None else (self._start, self._start_step)
+        elapsed = now - began
+        progress = done - began_at
         rate = progress / elapsed if progress > 0 and elapsed > 0 else None
         terms = terms_text(trainer.progress_bar_metrics) if label == "step" else ""
         line = status_line(label, done, total, elapsed, rate, terms, drawn=self.on_terminal)

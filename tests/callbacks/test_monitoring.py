@@ -31,11 +31,11 @@ def _png(event) -> torch.Tensor:
 
 
 def _demo_config(tmp_path: Path, every_n_steps: int, tile: int) -> Path:
-    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "configs" / "tiny_demo.yaml").read_text())
     for callback in cfg["trainer"]["callbacks"]:
         if callback["class_path"].endswith(("AttentionMapLogger", "SampleImageLogger")):
             callback["init_args"].update(every_n_steps=every_n_steps, tile=tile)
-    path = tmp_path / "demo.yaml"
+    path = tmp_path / "tiny_demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -54,7 +54,7 @@ def demo_run(tmp_path_factory):
         cli = run_cli(["fit", "--config", str(config), "--trainer.max_steps=4", "--trainer.val_check_interval=2"])
     finally:
         os.chdir(cwd)
-    return cli, tmp_path / "runs" / "demo" / "version_0"
+    return cli, tmp_path / "runs" / "tiny_demo" / "version_0"
 
 
 def test_demo_logs_attention_and_sample_grids_of_the_documented_size(demo_run):
@@ -259,8 +259,8 @@ def test_validate_writes_the_metrics_json_with_the_judges_value(tmp_path, monkey
     """`train.py validate` on the demo: metrics logged and written; caption NLL recomputed from the same seeds."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").symlink_to(REPO / "data")
-    cli = run_cli(["validate", "--config", str(REPO / "configs" / "demo.yaml")])
-    (path,) = (tmp_path / "runs" / "demo" / "version_0" / "metrics").glob("val_step*.json")
+    cli = run_cli(["validate", "--config", str(REPO / "configs" / "tiny_demo.yaml")])
+    (path,) = (tmp_path / "runs" / "tiny_demo" / "version_0" / "metrics").glob("val_step*.json")
     result = json.loads(path.read_text())
     assert result["stage"] == "val" and set(result["metrics"]) == {"caption_nll", "concept_overlap", "clip_score"}
     logged = cli.trainer.callback_metrics

@@ -18,14 +18,14 @@ CONFIGS = sorted((REPO / "configs").glob("**/*.yaml")) + sorted((REPO / "benchma
 
 
 def test_configs_exist():
-    assert {p.name for p in CONFIGS} >= {"demo.yaml", "demo_no_attribute.yaml", "demo_no_fidelity.yaml", "demo_sdxl.yaml", "comat_sd15.yaml", "comat_sdxl.yaml"}
+    assert {p.name for p in CONFIGS} >= {"tiny_demo.yaml", "tiny_demo_no_attribute.yaml", "tiny_demo_no_fidelity.yaml", "demo_sdxl.yaml", "comat_sd15.yaml", "comat_sdxl.yaml"}
 
 
-@pytest.mark.parametrize("ablation, loss", [("demo_no_attribute", "AttributeConcentrationLoss"), ("demo_no_fidelity", "FidelityPreservationLoss")])
+@pytest.mark.parametrize("ablation, loss", [("tiny_demo_no_attribute", "AttributeConcentrationLoss"), ("tiny_demo_no_fidelity", "FidelityPreservationLoss")])
 def test_demo_ablations_differ_from_the_demo_only_by_the_removed_callback_lines(ablation, loss):
     import difflib
 
-    demo = (REPO / "configs" / "demo.yaml").read_text().splitlines()
+    demo = (REPO / "configs" / "tiny_demo.yaml").read_text().splitlines()
     lines = (REPO / "configs" / f"{ablation}.yaml").read_text().splitlines()
     diff = [line for line in difflib.ndiff(demo, lines) if line[:2] in ("- ", "+ ")]
     assert diff and all(line.startswith("- ") for line in diff)  # only removals
@@ -107,7 +107,7 @@ def test_published_configs_carry_the_published_hyperparameters(name, lr, batch, 
 
 def _train_py(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "demo.yaml"), *args]
+    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "tiny_demo.yaml"), *args]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -117,7 +117,7 @@ def _train_py(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_train_py_demo_logs_checkpoints_and_resumes(tmp_path):
     (tmp_path / "data").symlink_to(REPO / "data")  # the config's relative prompt paths
     _train_py(tmp_path, "--trainer.max_steps=10", "--trainer.val_check_interval=5")
-    first = _scalars(tmp_path / "runs" / "demo" / "version_0")
+    first = _scalars(tmp_path / "runs" / "tiny_demo" / "version_0")
     tags = ("train/loss", "train/concept_matching", "train/lr", "train/generator_step", "val/concept_matching",
             "train/attribute_concentration", "train/attribute_concentration/token", "train/attribute_concentration/pixel",
             "val/attribute_concentration")  # fmt: skip
@@ -130,20 +130,21 @@ def test_train_py_demo_logs_checkpoints_and_resumes(tmp_path):
     assert [v for _, v in first["train/generator_step"]] == [float(i) for i in range(1, 11)]
     assert all(v > 0 for _, v in first["train/attribute_concentration/entities"])  # the demo's masks are found
 
-    ckpt_dir = tmp_path / "runs" / "demo" / "checkpoints"
+    ckpt_dir = tmp_path / "runs" / "tiny_demo" / "version_0" / "checkpoints"  # one run, one folder
     last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["comat"]["generator_step"] == 10
     # no frozen weights: generator LoRA, discriminator LoRA and the discriminator's head only
     assert last["state_dict"] and all(".lora_" in k or ".fidelity_preservation.head." in k for k in last["state_dict"])
     assert len(last["optimizer_states"]) == 2 and len(last["lr_schedulers"]) == 2
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in last["state_dict"].items())  # LoRA moved
-    assert (tmp_path / "runs" / "demo" / "version_0" / "config.yaml").is_file()
-    assert (tmp_path / "runs" / "demo" / "version_0" / "lora" / "pytorch_lora_weights.safetensors").is_file()  # ExportLoRA
-    assert (tmp_path / "runs" / "demo" / "version_0" / "lora_checkpoints" / "step_10" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "runs" / "tiny_demo" / "version_0" / "config.yaml").is_file()
+    assert (tmp_path / "runs" / "tiny_demo" / "version_0" / "lora" / "pytorch_lora_weights.safetensors").is_file()  # ExportLoRA
+    assert (tmp_path / "runs" / "tiny_demo" / "version_0" / "lora_checkpoints" / "step_10" / "pytorch_lora_weights.safetensors").is_file()
 
     _train_py(tmp_path, "--trainer.max_steps=12", "--trainer.val_check_interval=5", "--ckpt_path=last")
-    resumed = _scalars(tmp_path / "runs" / "demo" / "version_1")
-    assert [v for _, v in resumed["train/generator_step"]] == [11.0, 12.0]
+    assert not (tmp_path / "runs" / "tiny_demo" / "version_1").exists()  # the resumed run continues in its folder
+    resumed = _scalars(tmp_path / "runs" / "tiny_demo" / "version_0")
+    assert [v for _, v in sorted(resumed["train/generator_step"])] == [float(i) for i in range(1, 13)]
 
 
 @pytest.mark.slow  # end-to-end, in subprocesses
@@ -162,7 +163,7 @@ def test_fit_without_a_loss_callback_is_refused_before_loading(tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").symlink_to(REPO / "data")
-    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "configs" / "tiny_demo.yaml").read_text())
     cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "Loss" not in c["class_path"]]
     config = tmp_path / "no_loss.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -180,4 +181,27 @@ def test_bad_option_values_are_refused_with_the_option_name(tmp_path, monkeypatc
 
 
 def _instantiate_with(extra: list[str]):
-    return instantiate_cli(["--config", str(REPO / "configs" / "demo.yaml"), "--trainer.logger=false", *extra])
+    return instantiate_cli(["--config", str(REPO / "configs" / "tiny_demo.yaml"), "--trainer.logger=false", *extra])
+
+
+@pytest.mark.slow  # end-to-end, in a subprocess
+def test_the_shapes_demo_trains_validates_with_the_judge_and_logs_images(tmp_path):
+    """configs/demo.yaml as the README runs it (shortened): the shapes models load by short name, the judge's
+    binding accuracy and the caption NLL are logged at validation, and the image grids are written."""
+    from conftest import tensorboard_images
+
+    (tmp_path / "data").symlink_to(REPO / "data")
+    (tmp_path / "benchmarks").symlink_to(REPO / "benchmarks")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "demo.yaml"),
+         "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"],
+        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = tmp_path / "runs" / "demo" / "version_0"
+    scalars = _scalars(run)
+    binding = [v for _, v in scalars["val/shapes/binding_accuracy"]]
+    assert len(binding) == 1 and 0.0 <= binding[0] <= 1.0
+    assert len(scalars["val/metrics/caption_nll"]) == 1
+    tags = set(tensorboard_images(run))
+    assert any(t.startswith("attention/") for t in tags) and any(t.startswith("samples") for t in tags), tags

@@ -15,7 +15,7 @@ from conftest import REPO
 from comat_lightning.command_errors import short_report, suggest
 from comat_lightning.errors import InputError
 
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = REPO / "configs" / "tiny_demo.yaml"
 
 
 def line_of(path, text: str) -> int:

@@ -22,7 +22,7 @@ def test_overview_lists_every_shipped_config_and_points_at_the_docs():
 
 def test_only_a_bare_call_or_help_gets_the_overview():
     assert wants_overview([]) and wants_overview(["--help"]) and wants_overview(["-h"])
-    assert not wants_overview(["fit", "--help"]) and not wants_overview(["fit", "--config", "configs/demo.yaml"])
+    assert not wants_overview(["fit", "--help"]) and not wants_overview(["fit", "--config", "configs/tiny_demo.yaml"])
 
 
 def test_train_py_help_prints_the_overview_without_importing_torch_or_lightning():

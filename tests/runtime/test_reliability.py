@@ -130,7 +130,7 @@ class _RecordSteps(Callback):
 
 
 def _nonfinite_config(tmp_path: Path, bad_steps: list[int], value: str = ".nan") -> Path:
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "tiny_demo.yaml").read_text())
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"] == "callbacks.ConceptMatchingLoss":
             callback["class_path"] = "tests.support.nonfinite_loss.NonFiniteOnSteps"
@@ -170,7 +170,7 @@ def test_nonfinite_steps_are_skipped_counted_and_the_limit_stops_with_a_resumabl
     assert "3 in a row (limit 3), 4 in total" in skips[-1]
     message = str(stop.value.code)
     assert "3 generator steps in a row had non-finite values (last: concept_matching at step 6)" in message
-    checkpoint = tmp_path / "runs" / "nan" / "checkpoints" / "last.ckpt"
+    checkpoint = tmp_path / "runs" / "nan" / "version_0" / "checkpoints" / "last.ckpt"
     assert f"checkpoint: {checkpoint}" in message
     logged = tensorboard_scalars(tmp_path / "runs" / "nan")
     assert [v for _, v in sorted(logged["train/skipped_steps"])] == [0.0, 1.0, 1.0, 2.0, 3.0, 4.0]

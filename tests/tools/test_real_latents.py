@@ -66,7 +66,7 @@ def command(tmp_path_factory, tiny_paths):
 
     folder = tmp_path_factory.mktemp("real_latents")
     prompts = _write_jsonl(folder / "prompts.jsonl", PROMPTS)
-    config = _write_config(folder / "config.yaml", "demo.yaml", prompts)
+    config = _write_config(folder / "config.yaml", "tiny_demo.yaml", prompts)
     built: dict = {}
     build = real_latents.build_module
 
@@ -283,7 +283,7 @@ def test_fit_with_a_bad_latent_reference_fails_before_any_model_loads(tmp_path, 
     bad = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a cat"}, {"prompt": "a dog", "latent": {"file": "gone.safetensors", "index": 0}}])
     monkeypatch.setattr(DiffusionBackbone, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
     with pytest.raises(PromptFileError, match=rf"{bad}:2: latent file .*gone.safetensors does not exist"):
-        run_cli(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.logger=false", f"--data.train_file={bad}"])
+        run_cli(["fit", "--config", str(REPO / "configs" / "tiny_demo.yaml"), "--trainer.logger=false", f"--data.train_file={bad}"])
 
 
 def test_command_refuses_unsupported_precision_before_loading(tmp_path, monkeypatch, capsys):
@@ -291,7 +291,7 @@ def test_command_refuses_unsupported_precision_before_loading(tmp_path, monkeypa
     from comat_lightning.tools import real_latents
 
     prompts = _write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1])
-    config = _write_config(tmp_path / "c.yaml", "demo.yaml", prompts)
+    config = _write_config(tmp_path / "c.yaml", "tiny_demo.yaml", prompts)
     config.write_text(config.read_text().replace("precision: 32-true", "precision: bf16-true"))
     monkeypatch.setattr(DiffusionBackbone, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
     assert real_latents.main(["--config", str(config), "--output", str(tmp_path / "out")]) == 1

@@ -18,7 +18,7 @@ _KEEP = ("ConceptMatchingLoss", "AttributeConcentrationLoss", "FidelityPreservat
 
 
 def _config(tmp_path: Path, name: str, devices: int, batch_size: int, strategy, steps: int = 3, checkpoints: bool = False) -> Path:
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "tiny_demo.yaml").read_text())
     trainer = config["trainer"]
     trainer["callbacks"] = [cb for cb in trainer["callbacks"] if cb["class_path"].split(".")[-1] in _KEEP]
     trainer["callbacks"] += [

@@ -16,7 +16,7 @@ from support.loading_guard import refuse_model_loads
 
 from comat_lightning.errors import InputError, MissingInputFile
 
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = REPO / "configs" / "tiny_demo.yaml"
 
 
 @pytest.fixture

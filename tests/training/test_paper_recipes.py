@@ -89,9 +89,8 @@ def test_faithful_recipes_use_the_official_defaults_that_the_parity_tests_check(
             assert init_args[key] == default, (class_path, key)
 
 
-def test_readme_reproducing_the_paper_names_every_option():
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Reproducing the paper", 1)[1].split("\n## ", 1)[0]
+def test_docs_reproducing_the_paper_names_every_option():
+    section = (REPO / "docs" / "paper.md").read_text()
     script = _plus_script()
     for family in ("sd15", "sdxl"):
         for class_path, options in script.plus_options(family).items():

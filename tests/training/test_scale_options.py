@@ -63,7 +63,7 @@ def test_unsupported_trainer_settings_are_refused_with_the_alternative(case, mat
 def test_unknown_optimizer_names_are_refused_by_the_config_parser(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):  # jsonargparse: not one of the Literal's values
-        run_cli(["--config", str(REPO / "configs" / "demo.yaml"), "--model.optimizer.name=adam9", "--trainer.logger=false"], run=False)
+        run_cli(["--config", str(REPO / "configs" / "tiny_demo.yaml"), "--model.optimizer.name=adam9", "--trainer.logger=false"], run=False)
     err = capsys.readouterr().err
     assert "model.optimizer.name" in err and "adam9" in err
 
@@ -72,7 +72,7 @@ def test_adamw8bit_keeps_uint8_state_for_large_tensors_and_resumes(tmp_path, mon
     """Both optimizers 8-bit from the command line; LoRA rank 256 makes the LoRA matrices >= 4096 elements."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").symlink_to(REPO / "data")
-    args = ["--config", str(REPO / "configs" / "demo_no_attribute.yaml"), "--model.optimizer.name=adamw8bit",
+    args = ["--config", str(REPO / "configs" / "tiny_demo_no_attribute.yaml"), "--model.optimizer.name=adamw8bit",
             "--model.lora.rank=256", "--trainer.limit_val_batches=0", "--trainer.logger=false"]  # fmt: skip
     cli = run_cli([*args, "--trainer.max_steps=2"], run=False)
     # The discriminator's optimizer is the loss callback's init arg (YAML: optimizer: adamw8bit under its init_args).
@@ -104,7 +104,7 @@ def test_adamw8bit_keeps_uint8_state_for_large_tensors_and_resumes(tmp_path, mon
 def test_bf16_mixed_stores_frozen_weights_in_bf16_and_trains_lora_in_fp32(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").symlink_to(REPO / "data")
-    cli = run_cli(["--config", str(REPO / "configs" / "demo.yaml"), "--trainer.precision=bf16-mixed", "--trainer.max_steps=2",
+    cli = run_cli(["--config", str(REPO / "configs" / "tiny_demo.yaml"), "--trainer.precision=bf16-mixed", "--trainer.max_steps=2",
                    "--trainer.limit_val_batches=0", "--trainer.logger=false",
                    "--model.sampler.num_inference_steps=4"], run=False)  # fmt: skip
     cli.trainer.callbacks = [cb for cb in cli.trainer.callbacks if type(cb).__name__ not in ("ExportLoRA", "ModelCheckpoint")]
@@ -132,6 +132,6 @@ def test_bf16_frozen_weights_need_bf16_compute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").symlink_to(REPO / "data")
     monkeypatch.setattr(DiffusionBackbone, "from_pretrained", lambda *a, **k: pytest.fail("models loaded before the check"))
-    cli = run_cli(["--config", str(REPO / "configs" / "demo.yaml"), "--model.frozen_dtype=bfloat16", "--trainer.logger=false"], run=False)
+    cli = run_cli(["--config", str(REPO / "configs" / "tiny_demo.yaml"), "--model.frozen_dtype=bfloat16", "--trainer.logger=false"], run=False)
     with pytest.raises(ValueError, match=r"model.frozen_dtype=bfloat16 with trainer.precision=32-true.*bf16-mixed"):
         cli.trainer.fit(cli.model, cli.datamodule)
