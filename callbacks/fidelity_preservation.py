@@ -19,7 +19,6 @@ the rollout cost).
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Literal, Optional
 
 import torch

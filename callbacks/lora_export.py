@@ -8,7 +8,6 @@ from typing import Optional
 
 from lightning.pytorch import Callback
 
-
 EXPORTED_STEP = "exported_lora_step"  # checkpoint key: the generator step whose LoRA export goes with it
 
 

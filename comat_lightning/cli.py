@@ -107,6 +107,14 @@ def name_runs_after_config(config, resume: bool = False) -> Optional[Path]:
     return resume_from
 
 
+def option_names(parser, args) -> list[str]:
+    """Every ``--option`` of the subcommand being parsed (``fit``, ...), or of the top-level parser."""
+    argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+    subcommands = getattr(getattr(parser, "_subcommands_action", None), "choices", None) or {}
+    chosen = next((subcommands[a] for a in argv if a in subcommands), parser)
+    return [o for action in chosen._actions for o in action.option_strings if o.startswith("--")]
+
+
 # Third-party messages that are harmless for this project, by the logger that emits them. Silenced only by the
 # entry point (command_line), never by library code: a user embedding the package keeps them.
 KNOWN_NOISE = {

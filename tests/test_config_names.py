@@ -7,7 +7,6 @@ import importlib
 
 import pytest
 import yaml
-
 from conftest import REPO, instantiate_cli
 
 CONFIGS = sorted((REPO / "configs").glob("**/*.yaml")) + sorted((REPO / "benchmarks" / "shapes" / "configs").glob("*.yaml"))

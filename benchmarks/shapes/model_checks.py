@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 import world
 
 # The benchmark's sampler (configs/*.yaml sampler): what the single-object check uses too.

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_attribute_concentration import LEFT, _generate
 
 from callbacks.attribute_concentration import AttributeConcentrationLoss
 from comat_lightning.judges.masks import MaskProvider
-from test_attribute_concentration import LEFT, _generate
 
 
 class _GivenMasks(MaskProvider):

@@ -101,7 +101,7 @@ def test_steps_before_the_first_gradient_step_build_no_graph(tiny_paths):
 
         return contextlib.nullcontext()
 
-    from comat_lightning.sampling.denoising import initial_noise, denoise
+    from comat_lightning.sampling.denoising import denoise, initial_noise
 
     scheduler = module.rollout.make_scheduler()
     scheduler.set_timesteps(4)
