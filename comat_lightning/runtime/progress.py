@@ -141,11 +141,16 @@ class GeneratorStepProgress(ProgressBar):
         self._start_step = self.generator_step(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = self.generator_step(trainer)
-        self._report("step", step, self.total_steps(trainer), trainer, first=step == self._start_step + 1)
+        step, total = self.generator_step(trainer), self.total_steps(trainer)
+        # The last step's line ends here, before Lightning prints why fit stopped.
+        final = total is not None and step >= total
+        self._report("step", step, total, trainer, first=step == self._start_step + 1, final=final)
+        self._reported_final = final
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._report("step", self.generator_step(trainer), self.total_steps(trainer), trainer, final=True)
+        if not getattr(self, "_reported_final", False):  # stopped early (a signal, the non-finite limit)
+            self._report("step", self.generator_step(trainer), self.total_steps(trainer), trainer, final=True)
+        self._end_line()
 
     # Validation, test, predict: the batch count of the stage, on the same line on a terminal.
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
