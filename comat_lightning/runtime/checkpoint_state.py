@@ -71,37 +71,3 @@ def use_atomic_checkpoint_io(trainer) -> None:
     strategy = trainer.strategy
     if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
-
-
-class CheckpointState:
-    """LightningModule hooks: checkpoints hold only what training changes (the frozen multi-GB models are reloaded
-    from their source on resume), plus the generator-step counter and RNG states. Expects ``generator_step``,
-    ``model_source`` and ``finetune`` attributes."""
-
-    def trainable_state_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Only what training changes: the frozen multi-GB models are reloaded from their source on resume.
-        keep = self.trainable_state_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["comat"] = {
-            "generator_step": self.generator_step,
-            "model_source": self.model_source,
-            "finetune": self.finetune,
-            "rng": capture_rng_states(),
-            "nonfinite": self.nonfinite.state_dict(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # FSDP2 (ModelParallelStrategy) loads the weights into the sharded modules itself and hands over the rest.
-        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"])) if "state_dict" in checkpoint else []
-        if missing:
-            raise KeyError(
-                f"checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[0]}): it was written "
-                "with a different LoRA rank/target modules, fine-tuning mode or base model"
-            )
-        state = checkpoint.get("comat", {})
-        self.generator_step = int(state.get("generator_step", 0))
-        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
-        restore_rng_states(state.get("rng"))

@@ -1,4 +1,4 @@
-"""Differentiable sampling: the online model's rollout, with gradient through a few chosen denoising steps.
+"""Which denoising steps of the online model's rollout carry gradient.
 
 Which steps carry gradient is a pluggable :class:`GradientStepPolicy`:
 
@@ -6,14 +6,8 @@ Which steps carry gradient is a pluggable :class:`GradientStepPolicy`:
 - :class:`LastSteps` (DRaFT-K, AlignProp): the last K steps.
 - :class:`SingleRandomStep` (ReFL): one random step inside a window near the end.
 
-Memory model of :func:`denoise` (B = batch, steps indexed 0..N-1 from noise to image):
-
-- steps before the first gradient step run under ``torch.no_grad`` (no graph at all);
-- at a gradient step the UNet runs with grad (its input is the live latent, or a detached copy when
-  ``detach_unet_input``: SDXL's official setting, which keeps one UNet graph per step instead of a chain);
-- the other steps after it are constants: the UNet runs without grad, but the scheduler update is linear in the
-  latent, so the gradient still flows along the chain to earlier gradient steps;
-- the latent chain and scheduler arithmetic stay fp32; the UNet runs in the autocast dtype."""
+How the denoising loop uses the chosen steps (what runs with a graph, and what it costs in memory): the
+docstring of :mod:`comat_lightning.sampling.denoising`."""
 
 from __future__ import annotations
 
