@@ -5,18 +5,21 @@ benchmarks/results/guidance_<model>.json.
     python benchmarks/bench_guidance.py                        # tiny SD on CPU (no downloads)
     python benchmarks/bench_guidance.py --model CompVis/stable-diffusion-v1-4 --resolution 512 --steps 50 --layers-res 16
 
-Our methods run through ``Trainer.predict`` as ``train.py predict`` does (model loading is outside the timing).
+Our methods run through ``Trainer.predict`` as ``train.py predict`` does (model loading is outside the timing). The
+variants are interleaved round by round and their ratios paired by round.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -30,10 +33,32 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--layers-res", type=int, default=8, help="map side the guidance reads (16 for SD1.x at 512)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    samplers = guidance_samplers(args.model, args.resolution, args.steps, args.layers_res, device)
+    summary = {
+        "model": args.model,
+        "resolution": args.resolution,
+        "steps": args.steps,
+        **summarise(time_round_robin(samplers, args.repeats, device == "cuda")),
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.machine()})",
+        "torch": torch.__version__,
+        "command": "python benchmarks/bench_guidance.py " + " ".join(sys.argv[1:]),
+    }
+    name = args.model.replace("tiny://", "tiny_").replace("/", "_")
+    save_results(summary, RESULTS / f"guidance_{name}.json")
+
+
+def guidance_samplers(model: str, resolution: int, steps: int, layers_res: int, device: str, precision: str = "32-true",
+                      prompt: str = "a cat and a dog", words: tuple[str, ...] = ("cat", "dog")) -> dict[str, Callable[[], object]]:
+    """One image each: plain sampling, A-STAR and Attend-and-Excite (ours, through ``Trainer.predict`` as ``train.py
+    predict`` runs them) and diffusers' ``StableDiffusionAttendAndExcitePipeline``, same model, prompt, steps and
+    seed. Models load on the first call (the warm-up round)."""
     import torch
     from diffusers import StableDiffusionAttendAndExcitePipeline
     from lightning.pytorch import Trainer
@@ -46,60 +71,69 @@ def main() -> None:
     from comat_lightning.training.module import CoMatModule, SamplerConfig
     from datamodules.prompts import collate_prompts
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    prompt, words = "a cat and a dog", ["cat", "dog"]
-    sampler = SamplerConfig(resolution=args.resolution, num_inference_steps=args.steps, scheduler="PNDMScheduler")
+    sampler = SamplerConfig(resolution=resolution, num_inference_steps=steps, scheduler="PNDMScheduler")
+    loader = DataLoader([{"prompt": prompt, "concepts": list(words), "index": 0, "seed": 0}], batch_size=1, collate_fn=collate_prompts)
+    samplers: dict[str, Callable[[], object]] = {}
+    for name, guidance in (("plain", None), ("astar_ours", AStarGuidance()), ("attend_and_excite_ours", AttendAndExciteGuidance())):
+        module = CoMatModule(pretrained_model=model, sampler=sampler, gradient_steps=EvenlySpacedSteps(1), gradient_checkpointing=False,
+                             guidance=guidance, guidance_resolution=layers_res)  # fmt: skip
+        trainer = Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        samplers[name] = functools.partial(trainer.predict, module, dataloaders=loader)
 
-    def timed(fn) -> list[float]:
-        fn()  # warm-up
-        out = []
-        for _ in range(args.repeats):
-            if device == "cuda":
+    pipe = None
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+
+    def diffusers_attend_and_excite():
+        nonlocal pipe
+        if pipe is None:
+            pipe = StableDiffusionAttendAndExcitePipeline.from_pretrained(
+                resolve_model_path(model), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            ).to(device)
+            pipe.set_progress_bar_config(disable=True)
+        # the token positions our prediction reads (module: the last one built above)
+        indices = concept_positions({"prompt": prompt, "concepts": list(words)}, module.backbone.tokenizers[0], module.concept_parser)[1]
+        with autocast:  # as our Trainer's precision
+            return pipe(prompt, token_indices=indices, num_inference_steps=steps, guidance_scale=7.5, height=resolution,
+                        width=resolution, generator=torch.Generator().manual_seed(0), attn_res=(layers_res, layers_res))  # fmt: skip
+
+    samplers["attend_and_excite_diffusers"] = diffusers_attend_and_excite
+    return samplers
+
+
+def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, cuda: bool, deadline: Optional[float] = None) -> dict[str, list[float]]:
+    """Seconds of each call, the variants interleaved (A B C A B C ...: a shared machine's load drifts), after one
+    untimed warm-up round; stops after a complete round once ``deadline`` (a ``time.perf_counter()`` value) passed."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(repeats + 1):
+        for name, fn in fns.items():
+            if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             fn()
-            if device == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
-            out.append(time.perf_counter() - start)
-        return out
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+        if deadline is not None and round_index and time.perf_counter() > deadline:
+            break
+    return times
 
-    results = {}
-    for name, guidance in (("plain", None), ("astar_ours", AStarGuidance()), ("attend_and_excite_ours", AttendAndExciteGuidance())):
-        module = CoMatModule(pretrained_model=args.model, sampler=sampler, gradient_steps=EvenlySpacedSteps(1), gradient_checkpointing=False,
-                             guidance=guidance, guidance_resolution=args.layers_res)  # fmt: skip
-        # The real `train.py predict` path: a Trainer in predict mode (models load on the first call).
-        trainer = Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-        loader = DataLoader([{"prompt": prompt, "concepts": words, "index": 0, "seed": 0}], batch_size=1, collate_fn=collate_prompts)
 
-        results[name] = timed(lambda: trainer.predict(module, dataloaders=loader))
-    # diffusers' pipeline gets the same token positions our prediction used
-    indices = concept_positions({"prompt": prompt, "concepts": words}, module.backbone.tokenizers[0], module.concept_parser)[1]
-
-    pipe = StableDiffusionAttendAndExcitePipeline.from_pretrained(resolve_model_path(args.model), safety_checker=None,
-                                                                  feature_extractor=None, requires_safety_checker=False).to(device)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    side = args.layers_res
-    results["attend_and_excite_diffusers"] = timed(
-        lambda: pipe(prompt, token_indices=indices, num_inference_steps=args.steps, guidance_scale=7.5, height=args.resolution,
-                     width=args.resolution, generator=torch.Generator().manual_seed(0), attn_res=(side, side))  # fmt: skip
-    )
-
-    medians = {k: statistics.median(v) for k, v in results.items()}
-    summary = {
-        "model": args.model,
-        "resolution": args.resolution,
-        "steps": args.steps,
+def summarise(times: dict[str, list[float]]) -> dict:
+    """Medians, and each variant's ratio to plain sampling paired round by round (median of the per-round ratios)."""
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    paired = {k: statistics.median(a / b for a, b in zip(v, times["plain"])) for k, v in times.items()}
+    diffusers_ae = times["attend_and_excite_diffusers"]
+    return {
         "seconds_per_image_median": medians,
-        "seconds_per_image_runs": results,
-        "ratio_to_plain": {k: v / medians["plain"] for k, v in medians.items()},
-        "astar_ours_vs_attend_and_excite_diffusers": medians["astar_ours"] / medians["attend_and_excite_diffusers"],
-        "attend_and_excite_ours_vs_diffusers": medians["attend_and_excite_ours"] / medians["attend_and_excite_diffusers"],
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.machine()})",
-        "torch": torch.__version__,
-        "command": "python benchmarks/bench_guidance.py " + " ".join(sys.argv[1:]),
+        "seconds_per_image_runs": times,
+        "ratio_to_plain": paired,
+        "astar_ours_vs_attend_and_excite_diffusers": statistics.median(a / b for a, b in zip(times["astar_ours"], diffusers_ae)),
+        "attend_and_excite_ours_vs_diffusers": statistics.median(a / b for a, b in zip(times["attend_and_excite_ours"], diffusers_ae)),
     }
-    name = args.model.replace("tiny://", "tiny_").replace("/", "_")
-    save_results(summary, RESULTS / f"guidance_{name}.json")
 
 
 if __name__ == "__main__":

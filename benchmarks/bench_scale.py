@@ -35,6 +35,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -77,9 +80,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
-    from lightning.pytorch import Callback
 
-    from benchmarks.flop_counting import flop_counter
     from benchmarks.shape_only import ShapeOnlyFit
 
     cuda = torch.cuda.is_available() and not args.shape_only
@@ -99,33 +100,7 @@ def main() -> None:
         checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
     )  # fmt: skip
 
-    class Measure(Callback):
-        """Step 0: FLOPs (counting slows it, so it is not timed); then warm-up; then timed steps."""
-
-        def __init__(self):
-            self.durations, self.flops, self._counter = [], None, None
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if pl_module.generator_step == 0 and not args.no_flops:
-                self._counter = flop_counter()
-                self._counter.__enter__()
-            if cuda:
-                torch.cuda.synchronize()
-                if pl_module.generator_step == 1 + args.warmup:
-                    torch.cuda.reset_peak_memory_stats()
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if cuda:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - self._start
-            if self._counter is not None:
-                self._counter.__exit__(None, None, None)
-                self.flops, self._counter = self._counter.get_total_flops(), None
-            elif pl_module.generator_step > 1 + args.warmup:
-                self.durations.append(seconds)
-
-    measure = ShapeOnlyFit() if args.shape_only else Measure()
+    measure = ShapeOnlyFit() if args.shape_only else StepTimer(cuda=cuda, warmup=args.warmup, count_flops=not args.no_flops)
     run_fit(config, measure)
 
     import diffusers
@@ -146,31 +121,85 @@ def main() -> None:
                   "device": device + ", shape-only (fake tensors)", "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
         write_result(result, Path(args.out))
         return
-    median = statistics.median(measure.durations)
     peak = args.peak_tflops or (peak_tflops(device) if cuda else None)
-    achieved = measure.flops / median if measure.flops else None
-    result = {
-        **setting,
-        "steps_timed": len(measure.durations), "seconds_per_generator_step_median": median,
-        "seconds_per_generator_step_min": min(measure.durations), "seconds_per_generator_step_max": max(measure.durations),
-        "images_per_second": batch / median,
-        "peak_cuda_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "peak_cuda_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "model_tflops_per_step": measure.flops / 1e12 if measure.flops else None,
-        "achieved_tflops_per_second": achieved / 1e12 if achieved else None,
-        "device_peak_bf16_tflops": peak,
-        "mfu": achieved / (peak * 1e12) if (achieved and peak) else None,
-        "device": device, "torch_threads": torch.get_num_threads(), "versions": versions,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }  # fmt: skip
+    result = {**setting, **measure.figures(batch, peak), "device": device, "torch_threads": torch.get_num_threads(),
+              "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     write_result(result, Path(args.out))
 
 
+class StepTimer(Callback):
+    """Times generator steps of a fit: step 0 counts FLOPs (counting slows it, so it is not timed), then ``warmup``
+    steps, then every step is timed (the first ``timed`` of them, if given); peak CUDA memory is reset when timing
+    starts. With ``deadline`` (a ``time.perf_counter()`` value) the fit stops once ``min_timed`` steps are timed and
+    the deadline has passed."""
+
+    def __init__(self, cuda: bool, warmup: int, count_flops: bool = True, deadline: Optional[float] = None, min_timed: int = 3,
+                 timed: Optional[int] = None):
+        self.cuda, self.warmup, self.count_flops, self.deadline, self.min_timed = cuda, warmup, count_flops, deadline, min_timed
+        self.timed = timed
+        self.durations: list[float] = []
+        self.flops: Optional[int] = None
+        self._counter = None
+
+    def _first_timed(self) -> int:
+        return (1 if self.count_flops else 0) + self.warmup
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import torch
+
+        from benchmarks.flop_counting import flop_counter
+
+        if pl_module.generator_step == 0 and self.count_flops:
+            self._counter = flop_counter()
+            self._counter.__enter__()
+        if self.cuda:
+            torch.cuda.synchronize()
+            if pl_module.generator_step == self._first_timed():
+                torch.cuda.reset_peak_memory_stats()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self._start
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops, self._counter = self._counter.get_total_flops(), None
+        elif pl_module.generator_step > self._first_timed():  # generator_step counts the step just finished
+            if self.timed is None or len(self.durations) < self.timed:
+                self.durations.append(seconds)
+        if self.deadline is not None and len(self.durations) >= self.min_timed and time.perf_counter() > self.deadline:
+            trainer.should_stop = True
+
+    def figures(self, batch: int, peak_bf16_tflops: Optional[float]) -> dict:
+        """Median/min/max seconds per step, images/s, peak memory, TFLOP per step and MFU against ``peak_bf16_tflops``."""
+        import torch
+
+        median = statistics.median(self.durations)
+        achieved = self.flops / median if self.flops else None
+        return {
+            "steps_timed": len(self.durations), "seconds_per_generator_step_median": median,
+            "seconds_per_generator_step_min": min(self.durations), "seconds_per_generator_step_max": max(self.durations),
+            "images_per_second": batch / median,
+            "peak_cuda_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None,
+            "peak_cuda_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if self.cuda else None,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "model_tflops_per_step": self.flops / 1e12 if self.flops else None,
+            "achieved_tflops_per_second": achieved / 1e12 if achieved else None,
+            "device_peak_bf16_tflops": peak_bf16_tflops,
+            "mfu": achieved / (peak_bf16_tflops * 1e12) if (achieved and peak_bf16_tflops) else None,
+        }  # fmt: skip
+
+
 def bench_config(pipeline: str, captioner: str, *, accelerator: str, precision: str, max_steps: int, resolution: int,
-                 batch: int, inference_steps: int, k: int, checkpointing: bool = True, optimizer: str = "adamw") -> dict:
+                 batch: int, inference_steps: int, k: int, checkpointing: bool = True, optimizer: str = "adamw",
+                 lora_rank: Optional[int] = None, train_file: Optional[Path] = None) -> dict:
     """The demo's fit config with all three CoMat losses (and no logging, validation or checkpoints) on the given
-    models and sizes."""
+    models and sizes; ``lora_rank`` sets the generator's and the discriminator's LoRA rank (default: the demo's 4;
+    the published recipes use 128); ``train_file`` replaces the demo's prompts (e.g. one with precomputed entities,
+    so that spaCy never loads)."""
     import yaml
 
     config = yaml.safe_load((REPO / "configs" / "tiny_demo.yaml").read_text())
@@ -179,8 +208,11 @@ def bench_config(pipeline: str, captioner: str, *, accelerator: str, precision: 
     for cb in trainer["callbacks"]:
         if cb["class_path"].endswith("ConceptMatchingLoss"):
             cb["init_args"]["captioner"] = captioner
-        if optimizer != "adamw" and cb["class_path"].endswith("FidelityPreservationLoss"):
-            cb["init_args"]["optimizer"] = optimizer
+        if cb["class_path"].endswith("FidelityPreservationLoss"):
+            if optimizer != "adamw":
+                cb["init_args"]["optimizer"] = optimizer
+            if lora_rank is not None:
+                cb["init_args"]["lora_rank"] = lora_rank
     trainer.update(accelerator=accelerator, precision=precision, max_steps=max_steps,
                    limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
     model = config["model"]
@@ -188,13 +220,15 @@ def bench_config(pipeline: str, captioner: str, *, accelerator: str, precision: 
     model["sampler"].update(resolution=resolution, num_inference_steps=inference_steps)
     model["gradient_steps"]["init_args"]["num_gradient_steps"] = k
     model["optimizer"]["name"] = optimizer
-    config["data"].update(batch_size=batch, train_file=str(REPO / "data" / "demo_prompts.jsonl"), val_file=None)
+    if lora_rank is not None:
+        model["lora"]["rank"] = lora_rank
+    config["data"].update(batch_size=batch, train_file=str(train_file or REPO / "data" / "demo_prompts.jsonl"), val_file=None)
     return config
 
 
-def run_fit(config: dict, callback):
-    """``train.py fit`` of ``config`` with ``callback`` added, in a scratch folder (the working directory is restored);
-    returns the trained module."""
+def run_fit(config: dict, *callbacks, ckpt_path: Optional[str] = None):
+    """``train.py fit`` of ``config`` with ``callbacks`` added (resuming from ``ckpt_path`` if given), in a scratch
+    folder (the working directory is restored); returns the trained module (its ``trainer`` stays attached)."""
     import yaml
 
     from comat_lightning.cli import main as cli_main
@@ -206,8 +240,8 @@ def run_fit(config: dict, callback):
         os.chdir(workdir)
         try:
             cli = cli_main(args=["--config", str(path)], run=False)
-            cli.trainer.callbacks.append(callback)
-            cli.trainer.fit(cli.model, cli.datamodule)
+            cli.trainer.callbacks.extend(callbacks)
+            cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
         finally:
             os.chdir(cwd)
     return cli.model

@@ -36,7 +36,7 @@ from torch import nn
 
 from comat_lightning.attention.capture import Block, CaptureRequest, LayerSelection, layer_selection
 from comat_lightning.errors import InputError
-from comat_lightning.files.record_fields import PROMPT
+from comat_lightning.files.record_fields import ENTITIES, PROMPT
 from comat_lightning.judges.grounded_sam import GroundedSAMMasks
 from comat_lightning.judges.masks import MaskProvider
 from comat_lightning.runtime.data_parallel import data_parallel_mean, data_parallel_world_size
@@ -286,11 +286,13 @@ class AttributeConcentrationLoss(LossCallback):
         self.needs = LossNeeds(decoded_image=masks.needs_images, attention=capture)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self.parser.nlp  # loads spaCy: a missing model fails here, before any diffusion model is loaded
         data = trainer.datamodule
+        records = None if data is None or not hasattr(data, "train_records") else [*data.train_records, *getattr(data, "val_records", [])]
+        if records is None or any(r.get(ENTITIES) is None for r in records):
+            self.parser.nlp  # loads spaCy: a missing model fails here, before any diffusion model is loaded
+        # (every record with precomputed entities, e.g. from tools.prepare_entities: spaCy is never loaded)
         check_records = getattr(self.masks, "check_records", None)
-        if check_records is not None and data is not None:  # every given mask of the data, before any model loads
-            records = [*getattr(data, "train_records", []), *getattr(data, "val_records", [])]
+        if check_records is not None and records is not None:  # every given mask of the data, before any model loads
             check_records(records, getattr(data, "location_of", lambda record: None))
 
     def build(self, context: LossContext) -> nn.Module:
