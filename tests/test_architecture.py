@@ -18,6 +18,7 @@ LAYERS = [
     {"text", "runtime", "models"},
     {"attention"},
     {"judges"},
+    {"evaluation"},  # benchmarks' scoring rules over the judges' outputs
     {"sampling"},
     {"training"},
     {"tools", "cli"},  # the composition roots: they may also import callbacks/ and datamodules/

@@ -1,0 +1,1 @@
+"""Standard benchmarks' scoring rules (T2I-CompBench, GenEval), re-implemented from their official code."""
