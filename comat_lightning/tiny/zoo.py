@@ -4,7 +4,7 @@ No model hub is reachable where this project is built and tested, so tests and t
 from configs with fixed seeds, written with ``save_pretrained`` in the hub's folder layout, and then loaded back
 through exactly the same ``from_pretrained`` code a real user's hub id or folder takes.
 
-A config names them as ``tiny://sd``, ``tiny://sdxl``, ``tiny://blip``, ``tiny://clip`` (a ``CLIPModel`` with
+A config names them as ``tiny://sd``, ``tiny://sdxl``, ``tiny://blip``, ``tiny://blip-vqa`` (BLIP for question answering), ``tiny://clip`` (a ``CLIPModel`` with
 its ``CLIPProcessor``, for the CLIP score), ``tiny://grounding-dino`` or ``tiny://sam`` (the last two built in
 :mod:`comat_lightning.tiny.detection_zoo`); :func:`resolve_model_path` builds the folder on first use
 (atomically: a half-built folder is never visible) under ``$COMAT_TINY_ZOO`` or ``~/.cache/comat_lightning/tiny_zoo``
@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from comat_lightning.errors import InputError
-from comat_lightning.tiny.tokenizers import bert_tokenizer, clip_tokenizer, text_encoder_config
+from comat_lightning.tiny.tokenizers import WORDS, bert_tokenizer, clip_tokenizer, text_encoder_config
 
 TINY_SCHEME = "tiny://"
 
@@ -38,7 +38,7 @@ _BUILDER_FILES = tuple(Path(__file__).with_name(name) for name in ("zoo.py", "to
 ZOO_VERSION = hashlib.sha256(b"".join(f.read_bytes() for f in _BUILDER_FILES)).hexdigest()[:12]
 
 
-TINY_MODELS = ("sd", "sdxl", "blip", "clip", "grounding-dino", "sam")
+TINY_MODELS = ("sd", "sdxl", "blip", "blip-vqa", "clip", "grounding-dino", "sam")
 
 
 _SD_SCHEDULER = {  # Stable Diffusion 1.5's published scheduler_config.json (PNDM, as on the hub)
@@ -124,7 +124,8 @@ def build_tiny_model(name: str, target: Path) -> None:
     try:
         from comat_lightning.tiny.detection_zoo import build_grounding_dino, build_sam
 
-        builders = {"sd": _build_sd, "sdxl": _build_sdxl, "blip": _build_blip, "clip": _build_clip}
+        builders = {"sd": _build_sd, "sdxl": _build_sdxl, "blip": _build_blip, "clip": _build_clip,
+                    "blip-vqa": lambda folder: _build_blip(folder, question_answering=True)}  # fmt: skip
         builders.update({"grounding-dino": build_grounding_dino, "sam": build_sam})
         builders[name](tmp)
         (tmp / ".complete").write_text(ZOO_VERSION)
@@ -236,11 +237,10 @@ def _build_sdxl(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-def _build_blip(folder: Path) -> None:
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+def _blip_config(tokenizer):
+    from transformers import BlipConfig
 
-    tokenizer = bert_tokenizer(folder)
-    config = BlipConfig(
+    return BlipConfig(
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
@@ -269,8 +269,16 @@ def _build_blip(folder: Path) -> None:
         ),
         projection_dim=32,
     )
+
+
+def _build_blip(folder: Path, question_answering: bool = False) -> None:
+    """The captioner (``tiny://blip``), or with ``question_answering`` the VQA model (``tiny://blip-vqa``: the same
+    sizes, a vocabulary with "yes", "no" and the official evaluator's ``[ENC]`` question token)."""
+    from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+
+    tokenizer = bert_tokenizer(folder, words=(*WORDS, "yes", "no", "[ENC]")) if question_answering else bert_tokenizer(folder)
     torch.manual_seed(0)
-    model = BlipForConditionalGeneration(config)
+    model = (BlipForQuestionAnswering if question_answering else BlipForConditionalGeneration)(_blip_config(tokenizer))
     image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     model.save_pretrained(folder)

@@ -1,0 +1,228 @@
+"""Score generated images by a standard benchmark's rules, write the scores and a report, compare two runs.
+
+Images come from ``train.py predict`` with ``callbacks.ImageWriter`` (any base model, LoRA or guidance; resumable,
+one manifest per rank), from a prompt file this tool writes with N recorded seeds per prompt:
+
+    python -m comat_lightning.tools.evaluate prompts --benchmark-prompts color_val.txt --images-per-prompt 10 --output runs/eval/color.jsonl
+    python train.py predict --config configs/eval/t2i_compbench.yaml --data.train_file runs/eval/color.jsonl
+    python -m comat_lightning.tools.evaluate t2i-compbench --category color --images runs/eval/t2i_compbench/images
+    python -m comat_lightning.tools.evaluate compare runs/eval/base/scores.json runs/eval/lora/scores.json
+
+Scoring writes ``<images>/../scores/`` (or ``--output``): ``scores.json`` (the category score, images and prompts
+counted, the judges and every image's score), ``per_image.jsonl`` (appended as images are scored: a re-run scores
+only new images) and ``report.md`` (the score and the worst prompts with their images). The rules are in
+comat_lightning/evaluation/; docs/evaluation.md says what each score means and where ours differs from the
+official evaluators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from comat_lightning.errors import InputError
+from comat_lightning.files.atomic import write_bytes_atomically
+
+ATTRIBUTE_CATEGORIES = ("color", "shape", "texture")
+CATEGORIES = (*ATTRIBUTE_CATEGORIES, "non_spatial")  # spatial and complex need the detector judge (not built yet)
+
+
+def read_manifests(images: Path) -> list[dict]:
+    """Every image ``train.py predict`` wrote into ``images`` (all ``manifest*.jsonl``: one per rank), by key."""
+    manifests = sorted(images.glob("manifest*.jsonl"))
+    if not manifests:
+        raise InputError(f"{images}: no manifest*.jsonl (the folder callbacks.ImageWriter writes with train.py predict)")
+    entries: dict[str, dict] = {}
+    for manifest in manifests:
+        for number, line in enumerate(manifest.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    entry = json.loads(line)
+                    entries[entry["key"]] = {"key": entry["key"], "prompt": entry["prompt"], "seed": entry["seed"], "file": entry["file"]}
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise InputError(f"{manifest}:{number}: not an ImageWriter manifest line ({err})") from None
+    return sorted(entries.values(), key=lambda e: e["key"])
+
+
+def benchmark_prompts(path: Path, images_per_prompt: int, first_seed: int = 0) -> list[dict]:
+    """Records for ``train.py predict``: each prompt of ``path`` (one per line, as T2I-CompBench's
+    ``<category>_val.txt``) ``images_per_prompt`` times with seeds first_seed, first_seed + 1, ..."""
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"{path}: no prompts")
+    for number, prompt in enumerate(prompts, start=1):
+        if "_" in prompt:  # T2I-CompBench's file names carry the prompt; ours do not, but its prompts never hold "_"
+            raise InputError(f"{path}:{number}: a prompt with '_' is not a T2I-CompBench prompt: {prompt!r}")
+    return [{"prompt": p, "seed": first_seed + k} for p in prompts for k in range(images_per_prompt)]
+
+
+class AttributeBindingJudge:
+    """T2I-CompBench's attribute binding: BLIP-VQA P(yes) of each noun chunk, multiplied."""
+
+    def __init__(self, vqa_model: str, device: str, spacy_model: str):
+        from comat_lightning.judges.vqa import BlipVqa
+        from comat_lightning.text.entities import EntityParser
+
+        self.vqa = BlipVqa(vqa_model, device=device)
+        self.nlp = EntityParser(spacy_model).nlp
+        self.settings = {"vqa_model": vqa_model, "enc_token": self.vqa.uses_enc_token, "image_size": self.vqa.image_size, "spacy_model": spacy_model}
+
+    def score(self, images: list, prompts: list[str]) -> list[dict]:
+        from comat_lightning.evaluation.t2i_compbench import attribute_binding_score, noun_chunk_questions
+
+        questions = [noun_chunk_questions(p, self.nlp) for p in prompts]
+        flat = [(i, q) for i, qs in enumerate(questions) for q in qs]
+        yes = self.vqa.yes_probabilities([images[i] for i, _ in flat], [q for _, q in flat]).tolist() if flat else []
+        per_image: list[list[float]] = [[] for _ in prompts]
+        for (i, _), p in zip(flat, yes):
+            per_image[i].append(round(p, 4))
+        return [{"score": attribute_binding_score(y), "questions": q, "yes": y} for q, y in zip(questions, per_image)]
+
+
+class ClipSimilarityJudge:
+    """T2I-CompBench's non-spatial score: the cosine of CLIP image and prompt embeddings (no x100, x2.5 or floor)."""
+
+    def __init__(self, clip_model: str, device: str):
+        from transformers import CLIPModel, CLIPProcessor
+
+        from comat_lightning.tiny.zoo import resolve_model_path
+
+        folder = resolve_model_path(clip_model)
+        self.model = CLIPModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
+        self.processor = CLIPProcessor.from_pretrained(folder)
+        self.device = device
+        self.settings = {"clip_model": clip_model}
+
+    def score(self, images: list, prompts: list[str]) -> list[dict]:
+        import torch
+
+        with torch.no_grad():
+            pixels = self.processor.image_processor(images, return_tensors="pt").pixel_values.to(self.device)
+            text = self.processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+            image_features = self.model.get_image_features(pixel_values=pixels)
+            text_features = self.model.get_text_features(**text)
+            image_features = getattr(image_features, "pooler_output", image_features)
+            text_features = getattr(text_features, "pooler_output", text_features)
+            cosine = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1)
+        return [{"score": float(c)} for c in cosine]
+
+
+def score_folder(images: Path, category: str, judge, output: Path, batch_size: int = 16) -> dict:
+    """Score every image of ``images`` not yet in ``output/per_image.jsonl``; write scores.json and report.md."""
+    from PIL import Image
+
+    entries = read_manifests(images)
+    output.mkdir(parents=True, exist_ok=True)
+    per_image_file = output / "per_image.jsonl"
+    done = {}
+    if per_image_file.exists():
+        for line in per_image_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                done[record["key"]] = record
+            except (json.JSONDecodeError, KeyError):
+                pass  # a line cut by a kill: that image is scored again
+    todo = [e for e in entries if e["key"] not in done]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        pictures = [Image.open(images / e["file"]).convert("RGB") for e in batch]
+        with per_image_file.open("a") as f:
+            for entry, result in zip(batch, judge.score(pictures, [e["prompt"] for e in batch])):
+                record = {**entry, **result}
+                done[entry["key"]] = record
+                f.write(json.dumps(record) + "\n")
+    records = [done[e["key"]] for e in entries]
+    summary = {
+        "benchmark": "t2i-compbench", "category": category, "score": statistics.fmean(r["score"] for r in records),
+        "images": len(records), "prompts": len({r["prompt"] for r in records}), "judge": judge.settings,
+        "images_folder": str(images), "per_image": records,
+    }  # fmt: skip
+    write_bytes_atomically(output / "scores.json", (json.dumps(summary, indent=1) + "\n").encode())
+    write_bytes_atomically(output / "report.md", report(summary, images, output).encode())
+    return summary
+
+
+def report(summary: dict, images: Path, output: Path, worst: int = 8) -> str:
+    """Markdown: the score and the prompts with the lowest mean score, with their images."""
+    by_prompt: dict[str, list[dict]] = {}
+    for r in summary["per_image"]:
+        by_prompt.setdefault(r["prompt"], []).append(r)
+    ranked = sorted(by_prompt.items(), key=lambda item: statistics.fmean(r["score"] for r in item[1]))
+    relative = Path(os.path.relpath(images.resolve(), output.resolve()))  # links work from report.md's folder
+    lines = [f"# T2I-CompBench {summary['category']}: {summary['score']:.4f}", "",
+             f"{summary['images']} images of {summary['prompts']} prompts; judges: {json.dumps(summary['judge'])}", "",
+             f"## The {min(worst, len(ranked))} prompts with the lowest mean score", "", "| prompt | mean | images |", "| --- | --- | --- |"]  # fmt: skip
+    for prompt, records in ranked[:worst]:
+        pictures = " ".join(f"![{r['seed']}]({relative / r['file']})" for r in records[:4])
+        lines.append(f"| {prompt} | {statistics.fmean(r['score'] for r in records):.4f} | {pictures} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(first: Path, second: Path) -> dict:
+    """Two scores.json side by side: each score, and the mean and 95 % interval of the per-image differences
+    (second - first) over the images both scored (same prompt and seed)."""
+    a, b = (json.loads(Path(p).read_text()) for p in (first, second))
+    if a.get("category") != b.get("category"):
+        raise InputError(f"{first} is {a.get('category')!r}, {second} is {b.get('category')!r}: compare runs of one category")
+    left = {(r["prompt"], r["seed"]): r["score"] for r in a["per_image"]}
+    diffs = [r["score"] - left[(r["prompt"], r["seed"])] for r in b["per_image"] if (r["prompt"], r["seed"]) in left]
+    if not diffs:
+        raise InputError(f"{first} and {second} share no (prompt, seed): generate both from the same prompt file")
+    half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {"category": a["category"], "first": {"path": str(first), "score": a["score"]}, "second": {"path": str(second), "score": b["score"]},
+            "paired_images": len(diffs), "mean_difference": statistics.fmean(diffs), "ci95_half_width": half}  # fmt: skip
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    prompts = sub.add_parser("prompts", help="a benchmark prompt list -> a train.py predict prompt file with N seeds per prompt")
+    prompts.add_argument("--benchmark-prompts", required=True, type=Path, help="one prompt per line (e.g. T2I-CompBench's color_val.txt)")
+    prompts.add_argument("--images-per-prompt", type=int, default=10, help="T2I-CompBench: 10")
+    prompts.add_argument("--first-seed", type=int, default=0)
+    prompts.add_argument("--output", required=True, type=Path)
+    t2i = sub.add_parser("t2i-compbench", help="score a predict folder by T2I-CompBench's rules")
+    t2i.add_argument("--category", required=True, choices=CATEGORIES)
+    t2i.add_argument("--images", required=True, type=Path, help="the ImageWriter output_dir")
+    t2i.add_argument("--output", type=Path, default=None, help="default: <images>/../scores_<category>")
+    t2i.add_argument("--vqa-model", default="Salesforce/blip-vqa-capfilt-large")
+    t2i.add_argument("--clip-model", default="openai/clip-vit-base-patch32")
+    t2i.add_argument("--spacy-model", default="en_core_web_sm")
+    t2i.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    cmp = sub.add_parser("compare", help="two scores.json side by side with paired differences")
+    cmp.add_argument("first", type=Path)
+    cmp.add_argument("second", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "prompts":
+        records = benchmark_prompts(args.benchmark_prompts, args.images_per_prompt, args.first_seed)
+        write_bytes_atomically(args.output, "".join(json.dumps(r) + "\n" for r in records).encode())
+        print(f"{len(records)} records ({args.images_per_prompt} per prompt) -> {args.output}")
+    elif args.command == "t2i-compbench":
+        if args.category in ATTRIBUTE_CATEGORIES:
+            judge = AttributeBindingJudge(args.vqa_model, args.device, args.spacy_model)
+        else:
+            judge = ClipSimilarityJudge(args.clip_model, args.device)
+        output = args.output or args.images.parent / f"scores_{args.category}"
+        summary = score_folder(args.images, args.category, judge, output)
+        print(f"T2I-CompBench {args.category}: {summary['score']:.4f} ({summary['images']} images, {summary['prompts']} prompts) -> {output}")
+    else:
+        print(json.dumps(compare(args.first, args.second), indent=1))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        sys.exit(2)

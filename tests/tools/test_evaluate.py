@@ -1,0 +1,64 @@
+"""comat_lightning/tools/evaluate.py: benchmark prompt files, a tiny end-to-end T2I-CompBench evaluation through the
+real entry points (train.py predict with configs/eval/t2i_compbench.yaml, then the scorer), resume, compare."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from comat_lightning.errors import InputError
+from comat_lightning.tools.evaluate import benchmark_prompts, compare, main
+
+
+def test_prompt_file_repeats_each_prompt_with_recorded_seeds(tmp_path):
+    source = tmp_path / "color_val.txt"
+    source.write_text("a red car and a blue bus\n\na green apple\n")
+    assert benchmark_prompts(source, 2, first_seed=5) == [
+        {"prompt": "a red car and a blue bus", "seed": 5}, {"prompt": "a red car and a blue bus", "seed": 6},
+        {"prompt": "a green apple", "seed": 5}, {"prompt": "a green apple", "seed": 6}]  # fmt: skip
+    source.write_text("a red car\na blue_bus\n")
+    with pytest.raises(InputError, match=r"color_val.txt:2: a prompt with '_'"):
+        benchmark_prompts(source, 2)
+
+
+@pytest.mark.slow
+def test_tiny_t2i_compbench_evaluation_end_to_end(tmp_path):
+    (tmp_path / "val.txt").write_text("a red car and a blue bus\na green apple\n")
+    main(["prompts", "--benchmark-prompts", str(tmp_path / "val.txt"), "--images-per-prompt", "2", "--output", str(tmp_path / "p.jsonl")])
+    predict = [sys.executable, str(REPO / "train.py"), "predict", "--config", str(REPO / "configs" / "eval" / "t2i_compbench.yaml"),
+               "--model.pretrained_model=tiny://sd", "--model.sampler.resolution=64", "--model.sampler.num_inference_steps=5",
+               "--trainer.accelerator=cpu", "--trainer.devices=1", "--data.train_file=p.jsonl", "--return_predictions=false"]  # fmt: skip
+    proc = subprocess.run(predict, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images = tmp_path / "runs" / "eval" / "t2i_compbench" / "images"
+    main(["t2i-compbench", "--category", "color", "--images", str(images), "--vqa-model", "tiny://blip-vqa", "--device", "cpu"])
+    out = images.parent / "scores_color"
+    scores = json.loads((out / "scores.json").read_text())
+    assert (scores["images"], scores["prompts"], scores["category"]) == (4, 2, "color")
+    by_prompt = {r["prompt"]: r for r in scores["per_image"]}
+    assert by_prompt["a red car and a blue bus"]["questions"] == ["a red car?", "a blue bus?"]  # spaCy noun chunks
+    for r in scores["per_image"]:  # the product rule on the recorded (rounded) yes-probabilities
+        assert r["score"] == round(r["yes"][0] * (r["yes"][1] if len(r["yes"]) > 1 else 1.0), 4) and 0 < r["score"] < 1
+    assert scores["score"] == pytest.approx(sum(r["score"] for r in scores["per_image"]) / 4)
+    report = (out / "report.md").read_text()
+    assert report.startswith("# T2I-CompBench color: ") and "a green apple" in report
+    link = report.split("](", 1)[1].split(")", 1)[0]
+    assert (out / link).resolve().exists()  # the report's image links resolve from its folder
+    # a re-run scores nothing again; compare pairs images by (prompt, seed)
+    lines = (out / "per_image.jsonl").read_text()
+    main(["t2i-compbench", "--category", "color", "--images", str(images), "--vqa-model", "tiny://blip-vqa", "--device", "cpu"])
+    assert (out / "per_image.jsonl").read_text() == lines
+    other = json.loads((out / "scores.json").read_text())
+    for r in other["per_image"]:
+        r["score"] += 0.1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    result = compare(out / "scores.json", tmp_path / "other.json")
+    assert result["paired_images"] == 4 and result["mean_difference"] == pytest.approx(0.1)
+    main(["t2i-compbench", "--category", "non_spatial", "--images", str(images), "--clip-model", "tiny://clip", "--device", "cpu"])
+    clip = json.loads((images.parent / "scores_non_spatial" / "scores.json").read_text())
+    assert clip["images"] == 4 and all(-1 <= r["score"] <= 1 for r in clip["per_image"])
