@@ -120,17 +120,19 @@ def position_score(relation: Optional[str], first: Box, second: Box) -> float:
     return 1.0 if overlap < IOU_THRESHOLD else IOU_THRESHOLD / overlap
 
 
-def best_box(detections: Sequence[tuple[str, Box]], name: Optional[str]) -> Optional[Box]:
-    """The highest-confidence box labelled exactly ``name`` with a score above the detection threshold."""
-    boxes = [box for label, box in detections if label == name and box.score > DETECTION_THRESHOLD]
+def best_box(detections: Sequence[tuple[str, Box]], name: Optional[str], threshold: float = DETECTION_THRESHOLD) -> Optional[Box]:
+    """The highest-confidence box labelled exactly ``name`` with a score above ``threshold``."""
+    boxes = [box for label, box in detections if label == name and box.score > threshold]
     return max(boxes, key=lambda b: b.score) if boxes else None
 
 
-def spatial_score(prompt: str, nlp, detections: Sequence[tuple[str, Box]], image_size: int) -> float:
-    """An image's spatial score from its (label, box) detections in pixels of an ``image_size`` image."""
+def spatial_score(prompt: str, nlp, detections: Sequence[tuple[str, Box]], image_size: int,
+                  threshold: float = DETECTION_THRESHOLD) -> float:  # fmt: skip
+    """An image's spatial score from its (label, box) detections in pixels of an ``image_size`` image (``threshold``:
+    the detector's score threshold, 0.5 for the official UniDet)."""
     first_name, second_name = spatial_objects(prompt, nlp)
     scale = FRAME / image_size
-    first, second = best_box(detections, first_name), best_box(detections, second_name)
+    first, second = best_box(detections, first_name, threshold), best_box(detections, second_name, threshold)
     if first is not None and second is not None:
         score = 0.25 * first.score + 0.25 * second.score + 0.5 * position_score(relation_of(prompt), first.scaled(scale), second.scaled(scale))
     elif first is not None or second is not None:

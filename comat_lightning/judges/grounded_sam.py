@@ -93,7 +93,7 @@ class GroundedSAMMasks(MaskProvider):
     def __init__(
         self,
         detector: str = "IDEA-Research/grounding-dino-tiny",
-        segmenter: str = "facebook/sam-vit-base",
+        segmenter: Optional[str] = "facebook/sam-vit-base",
         box_threshold: float = 0.3,
         text_threshold: float = 0.25,
     ) -> None:
@@ -102,7 +102,8 @@ class GroundedSAMMasks(MaskProvider):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise InputError(f"GroundedSAMMasks: {option} must be a number in [0, 1], got {value!r}")
         check_local_path("GroundedSAMMasks.detector", detector, "detector folder")
-        check_local_path("GroundedSAMMasks.segmenter", segmenter, "segmenter folder")
+        if segmenter is not None:  # None: detection only (e.g. the spatial evaluation's detector)
+            check_local_path("GroundedSAMMasks.segmenter", segmenter, "segmenter folder")
         self.detector_id, self.segmenter_id = detector, segmenter
         self.box_threshold, self.text_threshold = float(box_threshold), float(text_threshold)
 
@@ -125,8 +126,9 @@ class GroundedSAMMasks(MaskProvider):
             )
         self.detector_processor = detector_processor
         self.detector = _load("detector", self.detector_id, GroundingDinoForObjectDetection).to(self.device)
-        self.segmenter_processor = _load("segmenter", self.segmenter_id, SamProcessor)
-        self.segmenter = _load("segmenter", self.segmenter_id, SamModel).to(self.device)
+        if self.segmenter_id is not None:
+            self.segmenter_processor = _load("segmenter", self.segmenter_id, SamProcessor)
+            self.segmenter = _load("segmenter", self.segmenter_id, SamModel).to(self.device)
         self.requires_grad_(False)
         self.train(False)
         return self
@@ -186,6 +188,8 @@ class GroundedSAMMasks(MaskProvider):
     @torch.no_grad()
     def segment(self, images: torch.Tensor, detections: list[list[Optional[Detection]]]) -> Masks:
         """One SAM forward prompted with every kept box of the batch -> (H, W) float32 {0, 1} masks."""
+        if self.segmenter_id is None:
+            raise ValueError("GroundedSAMMasks(segmenter=None) only detects; name a SAM checkpoint to segment")
         self.load()
         height, width = images.shape[-2:]
         masks: Masks = [[None] * len(d) for d in detections]

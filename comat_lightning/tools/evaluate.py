@@ -29,7 +29,7 @@ from comat_lightning.errors import InputError
 from comat_lightning.files.atomic import write_bytes_atomically
 
 ATTRIBUTE_CATEGORIES = ("color", "shape", "texture")
-CATEGORIES = (*ATTRIBUTE_CATEGORIES, "non_spatial")  # spatial and complex need the detector judge (not built yet)
+CATEGORIES = (*ATTRIBUTE_CATEGORIES, "non_spatial", "spatial")
 
 
 def read_manifests(images: Path) -> list[dict]:
@@ -112,6 +112,37 @@ class ClipSimilarityJudge:
         return [{"score": float(c)} for c in cosine]
 
 
+class SpatialJudge:
+    """T2I-CompBench's spatial score with GroundingDINO in place of UniDet (no transformers port of it exists):
+    the prompt's first and last nouns are detected, the best box of each above ``box_threshold`` is kept, and the
+    official position and combination rules score the image."""
+
+    def __init__(self, detector: str, device: str, spacy_model: str, box_threshold: float = 0.35):
+        from comat_lightning.judges.grounded_sam import GroundedSAMMasks
+        from comat_lightning.text.entities import EntityParser
+
+        self.detector = GroundedSAMMasks(detector=detector, segmenter=None, box_threshold=box_threshold).to(device).load()
+        self.nlp = EntityParser(spacy_model).nlp
+        self.box_threshold, self.device = box_threshold, device
+        self.settings = {"detector": detector, "box_threshold": box_threshold, "spacy_model": spacy_model}
+
+    def score(self, images: list, prompts: list[str]) -> list[dict]:
+        import numpy as np
+        import torch
+
+        from comat_lightning.evaluation.t2i_compbench import Box, spatial_objects, spatial_score
+
+        results = []
+        for image, prompt in zip(images, prompts):  # one image at a time: images may differ in size
+            names = [n for n in spatial_objects(prompt, self.nlp) if n is not None]
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None].to(self.device)
+            found = self.detector.detect(pixels, [names])[0] if names else []
+            detections = [(name, Box(*d.box.tolist(), d.score)) for name, d in zip(names, found) if d is not None]
+            score = spatial_score(prompt, self.nlp, detections, image_size=max(image.size), threshold=self.box_threshold)
+            results.append({"score": score, "objects": names, "boxes": [[*b.centre(), b.score] for _, b in detections]})
+        return results
+
+
 def score_folder(images: Path, category: str, judge, output: Path, batch_size: int = 16) -> dict:
     """Score every image of ``images`` not yet in ``output/per_image.jsonl``; write scores.json and report.md."""
     from PIL import Image
@@ -192,6 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     t2i.add_argument("--output", type=Path, default=None, help="default: <images>/../scores_<category>")
     t2i.add_argument("--vqa-model", default="Salesforce/blip-vqa-capfilt-large")
     t2i.add_argument("--clip-model", default="openai/clip-vit-base-patch32")
+    t2i.add_argument("--detector", default="IDEA-Research/grounding-dino-tiny", help="spatial: GroundingDINO (UniDet has no port)")
+    t2i.add_argument("--box-threshold", type=float, default=0.35, help="spatial: the detector's score threshold")
     t2i.add_argument("--spacy-model", default="en_core_web_sm")
     t2i.add_argument("--device", default="cuda" if _cuda() else "cpu")
     cmp = sub.add_parser("compare", help="two scores.json side by side with paired differences")
@@ -205,6 +238,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif args.command == "t2i-compbench":
         if args.category in ATTRIBUTE_CATEGORIES:
             judge = AttributeBindingJudge(args.vqa_model, args.device, args.spacy_model)
+        elif args.category == "spatial":
+            judge = SpatialJudge(args.detector, args.device, args.spacy_model, args.box_threshold)
         else:
             judge = ClipSimilarityJudge(args.clip_model, args.device)
         output = args.output or args.images.parent / f"scores_{args.category}"

@@ -62,3 +62,23 @@ def test_tiny_t2i_compbench_evaluation_end_to_end(tmp_path):
     main(["t2i-compbench", "--category", "non_spatial", "--images", str(images), "--clip-model", "tiny://clip", "--device", "cpu"])
     clip = json.loads((images.parent / "scores_non_spatial" / "scores.json").read_text())
     assert clip["images"] == 4 and all(-1 <= r["score"] <= 1 for r in clip["per_image"])
+
+
+@pytest.mark.slow
+def test_spatial_category_detects_the_first_and_last_noun(tmp_path):
+    """The spatial judge on two hand-drawn images (a tiny random GroundingDINO: the boxes are arbitrary, the path is
+    real): every image gets a score in [0, 1], the objects are the prompt's first and last nouns."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    entries = []
+    for i, prompt in enumerate(["a cat on the left of a dog", "a girl next to a chair"]):
+        Image.new("RGB", (64, 64), (200, 50, 50)).save(images / f"{i:05d}-s0.png")
+        entries.append({"key": f"{i:05d}-s0", "prompt": prompt, "seed": 0, "file": f"{i:05d}-s0.png", "settings": {}})
+    (images / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    main(["t2i-compbench", "--category", "spatial", "--images", str(images), "--detector", "tiny://grounding-dino",
+          "--box-threshold", "0.0", "--device", "cpu"])  # fmt: skip
+    scores = json.loads((tmp_path / "scores_spatial" / "scores.json").read_text())
+    assert [r["objects"] for r in scores["per_image"]] == [["cat", "dog"], ["person", "chair"]]
+    assert all(0.0 <= r["score"] <= 1.0 for r in scores["per_image"]) and scores["judge"]["detector"] == "tiny://grounding-dino"
