@@ -142,3 +142,21 @@ def build_sam(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     SamProcessor(image_processor=image_processor).save_pretrained(folder)
     model.save_pretrained(folder)
+
+
+def build_mask2former(folder: Path) -> None:
+    """A Mask2Former for COCO instance segmentation (a 4-stage Swin of width 32, 10 queries, 80 classes: GenEval's
+    judge maps them by index to its class names), with its image processor at 64 px."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])  # fmt: skip
+    config = Mask2FormerConfig(
+        backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64,
+        dim_feedforward=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_queries=10,
+        id2label={i: f"class{i}" for i in range(80)}, label2id={f"class{i}": i for i in range(80)},
+        use_pretrained_backbone=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(folder)
+    Mask2FormerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)

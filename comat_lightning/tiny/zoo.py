@@ -38,7 +38,7 @@ _BUILDER_FILES = tuple(Path(__file__).with_name(name) for name in ("zoo.py", "to
 ZOO_VERSION = hashlib.sha256(b"".join(f.read_bytes() for f in _BUILDER_FILES)).hexdigest()[:12]
 
 
-TINY_MODELS = ("sd", "sdxl", "blip", "blip-vqa", "clip", "grounding-dino", "sam")
+TINY_MODELS = ("sd", "sdxl", "blip", "blip-vqa", "clip", "grounding-dino", "sam", "mask2former")
 
 
 _SD_SCHEDULER = {  # Stable Diffusion 1.5's published scheduler_config.json (PNDM, as on the hub)
@@ -122,11 +122,11 @@ def build_tiny_model(name: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        from comat_lightning.tiny.detection_zoo import build_grounding_dino, build_sam
+        from comat_lightning.tiny.detection_zoo import build_grounding_dino, build_mask2former, build_sam
 
         builders = {"sd": _build_sd, "sdxl": _build_sdxl, "blip": _build_blip, "clip": _build_clip,
                     "blip-vqa": lambda folder: _build_blip(folder, question_answering=True)}  # fmt: skip
-        builders.update({"grounding-dino": build_grounding_dino, "sam": build_sam})
+        builders.update({"grounding-dino": build_grounding_dino, "sam": build_sam, "mask2former": build_mask2former})
         builders[name](tmp)
         (tmp / ".complete").write_text(ZOO_VERSION)
         try:

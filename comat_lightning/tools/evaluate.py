@@ -143,8 +143,31 @@ class SpatialJudge:
         return results
 
 
+class GenEvalJudge:
+    """GenEval: Mask2Former instances and CLIP colours judged by the prompt's metadata (matched by prompt text)."""
+
+    def __init__(self, metadata: Path, segmenter: str, colour_clip: str, device: str):
+        from comat_lightning.evaluation.geneval import read_metadata
+        from comat_lightning.evaluation.geneval_judges import ColourClassifier, InstanceSegmenter
+
+        self.prompts = {p.prompt: p for p in read_metadata(metadata)}
+        self.segmenter = InstanceSegmenter(segmenter, device)
+        self.colours = ColourClassifier(colour_clip, device)
+        self.settings = {"segmenter": segmenter, "colour_clip": colour_clip, "metadata": str(metadata)}
+
+    def score(self, images: list, prompts: list[str]) -> list[dict]:
+        from comat_lightning.evaluation.geneval_judges import judge_images
+
+        unknown = [p for p in prompts if p not in self.prompts]
+        if unknown:
+            raise InputError(f"{self.settings['metadata']}: no metadata for the generated prompt {unknown[0]!r}")
+        results = judge_images([self.prompts[p] for p in prompts], images, self.segmenter, self.colours)
+        return [{**r, "score": float(r["correct"])} for r in results]
+
+
 def score_folder(images: Path, category: str, judge, output: Path, batch_size: int = 16) -> dict:
-    """Score every image of ``images`` not yet in ``output/per_image.jsonl``; write scores.json and report.md."""
+    """Score every image of ``images`` not yet in ``output/per_image.jsonl``; write scores.json and report.md.
+    ``category``: a T2I-CompBench category, or "geneval" (scores are then per-tag fractions of correct images)."""
     from PIL import Image
 
     entries = read_manifests(images)
@@ -168,11 +191,15 @@ def score_folder(images: Path, category: str, judge, output: Path, batch_size: i
                 done[entry["key"]] = record
                 f.write(json.dumps(record) + "\n")
     records = [done[e["key"]] for e in entries]
-    summary = {
-        "benchmark": "t2i-compbench", "category": category, "score": statistics.fmean(r["score"] for r in records),
-        "images": len(records), "prompts": len({r["prompt"] for r in records}), "judge": judge.settings,
-        "images_folder": str(images), "per_image": records,
-    }  # fmt: skip
+    if category == "geneval":
+        from comat_lightning.evaluation.geneval import summarise
+
+        tags = summarise([(r["tag"], r["correct"]) for r in records])
+        scores = {"benchmark": "geneval", "score": tags["overall"], "tags": tags["tags"], "images_per_tag": tags["images"]}
+    else:
+        scores = {"benchmark": "t2i-compbench", "score": statistics.fmean(r["score"] for r in records)}
+    summary = {**scores, "category": category, "images": len(records), "prompts": len({r["prompt"] for r in records}),
+               "judge": judge.settings, "images_folder": str(images), "per_image": records}  # fmt: skip
     write_bytes_atomically(output / "scores.json", (json.dumps(summary, indent=1) + "\n").encode())
     write_bytes_atomically(output / "report.md", report(summary, images, output).encode())
     return summary
@@ -185,12 +212,16 @@ def report(summary: dict, images: Path, output: Path, worst: int = 8) -> str:
         by_prompt.setdefault(r["prompt"], []).append(r)
     ranked = sorted(by_prompt.items(), key=lambda item: statistics.fmean(r["score"] for r in item[1]))
     relative = Path(os.path.relpath(images.resolve(), output.resolve()))  # links work from report.md's folder
-    lines = [f"# T2I-CompBench {summary['category']}: {summary['score']:.4f}", "",
-             f"{summary['images']} images of {summary['prompts']} prompts; judges: {json.dumps(summary['judge'])}", "",
+    title = "GenEval overall" if summary["benchmark"] == "geneval" else f"T2I-CompBench {summary['category']}"
+    lines = [f"# {title}: {summary['score']:.4f}", "",
+             f"{summary['images']} images of {summary['prompts']} prompts; judges: {json.dumps(summary['judge'])}", ""]
+    lines += [f"- {tag}: {value:.4f} ({summary['images_per_tag'][tag]} images)" for tag, value in summary.get("tags", {}).items()]
+    lines += ["",
              f"## The {min(worst, len(ranked))} prompts with the lowest mean score", "", "| prompt | mean | images |", "| --- | --- | --- |"]  # fmt: skip
     for prompt, records in ranked[:worst]:
         pictures = " ".join(f"![{r['seed']}]({relative / r['file']})" for r in records[:4])
-        lines.append(f"| {prompt} | {statistics.fmean(r['score'] for r in records):.4f} | {pictures} |")
+        why = "; ".join(sorted({r["reason"] for r in records if r.get("reason")}))
+        lines.append(f"| {prompt}{f' ({why})' if why else ''} | {statistics.fmean(r['score'] for r in records):.4f} | {pictures} |")
     return "\n".join(lines) + "\n"
 
 
@@ -213,8 +244,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prompts = sub.add_parser("prompts", help="a benchmark prompt list -> a train.py predict prompt file with N seeds per prompt")
-    prompts.add_argument("--benchmark-prompts", required=True, type=Path, help="one prompt per line (e.g. T2I-CompBench's color_val.txt)")
-    prompts.add_argument("--images-per-prompt", type=int, default=10, help="T2I-CompBench: 10")
+    source = prompts.add_mutually_exclusive_group(required=True)
+    source.add_argument("--benchmark-prompts", type=Path, help="one prompt per line (e.g. T2I-CompBench's color_val.txt)")
+    source.add_argument("--geneval-metadata", type=Path, help="GenEval's evaluation_metadata.jsonl")
+    prompts.add_argument("--images-per-prompt", type=int, default=10, help="T2I-CompBench: 10, GenEval: 4")
     prompts.add_argument("--first-seed", type=int, default=0)
     prompts.add_argument("--output", required=True, type=Path)
     t2i = sub.add_parser("t2i-compbench", help="score a predict folder by T2I-CompBench's rules")
@@ -227,12 +260,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     t2i.add_argument("--box-threshold", type=float, default=0.35, help="spatial: the detector's score threshold")
     t2i.add_argument("--spacy-model", default="en_core_web_sm")
     t2i.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    gen = sub.add_parser("geneval", help="score a predict folder by GenEval's rules")
+    gen.add_argument("--images", required=True, type=Path, help="the ImageWriter output_dir")
+    gen.add_argument("--metadata", required=True, type=Path, help="GenEval's evaluation_metadata.jsonl (the prompts' tags and clauses)")
+    gen.add_argument("--output", type=Path, default=None, help="default: <images>/../scores_geneval")
+    gen.add_argument("--segmenter", default="facebook/mask2former-swin-small-coco-instance")
+    gen.add_argument("--colour-clip", default="openai/clip-vit-large-patch14")
+    gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     cmp = sub.add_parser("compare", help="two scores.json side by side with paired differences")
     cmp.add_argument("first", type=Path)
     cmp.add_argument("second", type=Path)
     args = parser.parse_args(argv)
     if args.command == "prompts":
-        records = benchmark_prompts(args.benchmark_prompts, args.images_per_prompt, args.first_seed)
+        if args.geneval_metadata:
+            from comat_lightning.evaluation.geneval import read_metadata
+
+            unique = list(dict.fromkeys(p.prompt for p in read_metadata(args.geneval_metadata)))
+            records = [{"prompt": p, "seed": args.first_seed + k} for p in unique for k in range(args.images_per_prompt)]
+        else:
+            records = benchmark_prompts(args.benchmark_prompts, args.images_per_prompt, args.first_seed)
         write_bytes_atomically(args.output, "".join(json.dumps(r) + "\n" for r in records).encode())
         print(f"{len(records)} records ({args.images_per_prompt} per prompt) -> {args.output}")
     elif args.command == "t2i-compbench":
@@ -245,6 +291,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         output = args.output or args.images.parent / f"scores_{args.category}"
         summary = score_folder(args.images, args.category, judge, output)
         print(f"T2I-CompBench {args.category}: {summary['score']:.4f} ({summary['images']} images, {summary['prompts']} prompts) -> {output}")
+    elif args.command == "geneval":
+        output = args.output or args.images.parent / "scores_geneval"
+        judge = GenEvalJudge(args.metadata, args.segmenter, args.colour_clip, args.device)
+        summary = score_folder(args.images, "geneval", judge, output)
+        print(f"GenEval overall: {summary['score']:.4f} ({summary['images']} images) -> {output}")
     else:
         print(json.dumps(compare(args.first, args.second), indent=1))
 

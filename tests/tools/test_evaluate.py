@@ -82,3 +82,43 @@ def test_spatial_category_detects_the_first_and_last_noun(tmp_path):
     scores = json.loads((tmp_path / "scores_spatial" / "scores.json").read_text())
     assert [r["objects"] for r in scores["per_image"]] == [["cat", "dog"], ["person", "chair"]]
     assert all(0.0 <= r["score"] <= 1.0 for r in scores["per_image"]) and scores["judge"]["detector"] == "tiny://grounding-dino"
+
+
+GENEVAL_METADATA = [
+    {"tag": "single_object", "prompt": "a photo of a cat", "include": [{"class": "cat", "count": 1}]},
+    {"tag": "counting", "prompt": "a photo of two clocks", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}]},
+    {"tag": "color_attr", "prompt": "a photo of a red car and a blue bench",
+     "include": [{"class": "car", "count": 1, "color": "red"}, {"class": "bench", "count": 1, "color": "blue"}]},
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_geneval_evaluation(tmp_path):
+    """GenEval's path with a tiny random Mask2Former and CLIP on hand-drawn images: prompt file from the metadata,
+    per-image verdicts with reasons, per-tag scores and their mean, a report."""
+    from PIL import Image
+
+    metadata = tmp_path / "evaluation_metadata.jsonl"
+    metadata.write_text("".join(json.dumps(m) + "\n" for m in GENEVAL_METADATA))
+    main(["prompts", "--geneval-metadata", str(metadata), "--images-per-prompt", "2", "--output", str(tmp_path / "p.jsonl")])
+    records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in records[:2]] == [("a photo of a cat", 0), ("a photo of a cat", 1)] and len(records) == 6
+    images = tmp_path / "images"
+    images.mkdir()
+    with (images / "manifest.jsonl").open("w") as manifest:
+        for i, r in enumerate(records):
+            name = f"{i:05d}-s{r['seed']}"
+            Image.new("RGB", (64, 64), (30 * i, 100, 200)).save(images / f"{name}.png")
+            manifest.write(json.dumps({"key": name, "prompt": r["prompt"], "seed": r["seed"], "file": f"{name}.png", "settings": {}}) + "\n")
+    main(["geneval", "--images", str(images), "--metadata", str(metadata), "--segmenter", "tiny://mask2former",
+          "--colour-clip", "tiny://clip", "--device", "cpu"])  # fmt: skip
+    scores = json.loads((tmp_path / "scores_geneval" / "scores.json").read_text())
+    assert scores["benchmark"] == "geneval" and scores["images"] == 6 and set(scores["tags"]) == {"single_object", "counting", "color_attr"}
+    assert scores["score"] == pytest.approx(sum(scores["tags"].values()) / 3)
+    for r in scores["per_image"]:
+        assert r["score"] == float(r["correct"]) and (r["correct"] or r["reason"])  # a wrong image says why
+    assert "- counting: " in (tmp_path / "scores_geneval" / "report.md").read_text()
+    (tmp_path / "bad.jsonl").write_text(json.dumps(GENEVAL_METADATA[0]) + "\n" + json.dumps({"tag": "colors", "prompt": "x"}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:2: \"include\""):
+        main(["geneval", "--images", str(images), "--metadata", str(tmp_path / "bad.jsonl"), "--segmenter", "tiny://mask2former",
+              "--colour-clip", "tiny://clip", "--device", "cpu"])  # fmt: skip
