@@ -29,8 +29,17 @@ from benchmarks.results_file import RESULTS, save_results  # noqa: E402
 def full_size_parameters() -> dict[str, int]:
     """Parameters of the published judges, from their architectures (transformers' configs set as on the hub)."""
     import torch
-    from transformers import (BlipConfig, BlipForQuestionAnswering, CLIPConfig, CLIPModel, GroundingDinoConfig,
-                              GroundingDinoForObjectDetection, Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig)  # fmt: skip
+    from transformers import (
+        BlipConfig,
+        BlipForQuestionAnswering,
+        CLIPConfig,
+        CLIPModel,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,  # fmt: skip
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        SwinConfig,
+    )
 
     vit_l14 = CLIPConfig(text_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
                          vision_config=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
@@ -64,7 +73,7 @@ def main() -> None:
 
     from comat_lightning.evaluation.geneval import Clause, Prompt
     from comat_lightning.evaluation.geneval_judges import ColourClassifier, InstanceSegmenter, judge_images
-    from comat_lightning.tools.evaluate import AttributeBindingJudge, ClipSimilarityJudge, SpatialJudge
+    from comat_lightning.evaluation.t2i_compbench_judges import AttributeBindingJudge, ClipSimilarityJudge, SpatialJudge
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(args.images)]

@@ -10,11 +10,13 @@ probability x mean mask probability inside the mask (transformers' instance post
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from comat_lightning.errors import InputError
 from comat_lightning.evaluation.geneval import BACKGROUND_GREY, OBJECT_NAMES, Detection, colour_prompts
 
 DEFAULT_SEGMENTER = "facebook/mask2former-swin-small-coco-instance"
@@ -117,3 +119,22 @@ def judge_images(prompts: Sequence, images: Sequence, segmenter: InstanceSegment
         found = sorted({d.cls for d in detections})
         results.append({"correct": correct, "reason": reason, "tag": prompt.tag, "classes_found": found})
     return results
+
+
+class GenEvalJudge:
+    """GenEval: Mask2Former instances and CLIP colours judged by the prompt's metadata (matched by prompt text)."""
+
+    def __init__(self, metadata: Path, segmenter: str, colour_clip: str, device: str):
+        from comat_lightning.evaluation.geneval import read_metadata
+
+        self.prompts = {p.prompt: p for p in read_metadata(metadata)}
+        self.segmenter = InstanceSegmenter(segmenter, device)
+        self.colours = ColourClassifier(colour_clip, device)
+        self.settings = {"segmenter": segmenter, "colour_clip": colour_clip, "metadata": str(metadata)}
+
+    def score(self, images: list, prompts: list[str]) -> list[dict]:
+        unknown = [p for p in prompts if p not in self.prompts]
+        if unknown:
+            raise InputError(f"{self.settings['metadata']}: no metadata for the generated prompt {unknown[0]!r}")
+        results = judge_images([self.prompts[p] for p in prompts], images, self.segmenter, self.colours)
+        return [{**r, "score": float(r["correct"])} for r in results]

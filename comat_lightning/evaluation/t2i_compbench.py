@@ -76,6 +76,30 @@ def spatial_objects(prompt: str, nlp) -> tuple[Optional[str], Optional[str]]:
     return PERSON_WORDS.get(nouns[0], nouns[0]), PERSON_WORDS.get(nouns[-1], nouns[-1])
 
 
+COMPLEX_RELATION_PHRASES = ("on top of", "on bottom of", "on the left", "on the right", "next to", "on side of", "near")
+
+
+def complex_spatial_objects(prompt: str, nlp) -> tuple[Optional[str], Optional[str]]:
+    """The two objects of a complex prompt's spatial clause: around the first of :data:`COMPLEX_RELATION_PHRASES`
+    found, the nearest noun (or proper noun) before it and the first noun after it (a proper noun if none); both
+    None when either is missing."""
+    doc = nlp(prompt)
+    words = [token.text.lower() for token in doc]
+    for phrase in COMPLEX_RELATION_PHRASES:
+        span = phrase.split()
+        for start in range(len(words) - len(span) + 1):
+            if words[start : start + len(span)] != span:
+                continue
+            before = [t.text for t in doc[:start] if t.pos_ in ("NOUN", "PROPN")]
+            after = [t for t in doc[start + len(span) :]]
+            following = [t.text for t in after if t.pos_ == "NOUN"] or [t.text for t in after if t.pos_ == "PROPN"]
+            if before and following:
+                first, second = before[-1], following[0]
+                return PERSON_WORDS.get(first, first), PERSON_WORDS.get(second, second)
+            return None, None
+    return None, None
+
+
 @dataclass(frozen=True)
 class Box:
     """A detection: (x0, y0, x1, y1) in pixels of an image ``size`` pixels wide and high, and its confidence."""
@@ -127,10 +151,11 @@ def best_box(detections: Sequence[tuple[str, Box]], name: Optional[str], thresho
 
 
 def spatial_score(prompt: str, nlp, detections: Sequence[tuple[str, Box]], image_size: int,
-                  threshold: float = DETECTION_THRESHOLD) -> float:  # fmt: skip
+                  threshold: float = DETECTION_THRESHOLD, complex_prompt: bool = False) -> float:  # fmt: skip
     """An image's spatial score from its (label, box) detections in pixels of an ``image_size`` image (``threshold``:
-    the detector's score threshold, 0.5 for the official UniDet)."""
-    first_name, second_name = spatial_objects(prompt, nlp)
+    the detector's score threshold, 0.5 for the official UniDet; ``complex_prompt``: objects found around the
+    relation phrase, as the official script's complex mode)."""
+    first_name, second_name = (complex_spatial_objects if complex_prompt else spatial_objects)(prompt, nlp)
     scale = FRAME / image_size
     first, second = best_box(detections, first_name, threshold), best_box(detections, second_name, threshold)
     if first is not None and second is not None:

@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from comat_lightning.errors import InputError
+from comat_lightning.evaluation.geneval_judges import GenEvalJudge
+from comat_lightning.evaluation.t2i_compbench_judges import AttributeBindingJudge, ClipSimilarityJudge, ComplexJudge, SpatialJudge
 from comat_lightning.files.atomic import write_bytes_atomically
 
 ATTRIBUTE_CATEGORIES = ("color", "shape", "texture")
-CATEGORIES = (*ATTRIBUTE_CATEGORIES, "non_spatial", "spatial")
+CATEGORIES = (*ATTRIBUTE_CATEGORIES, "non_spatial", "spatial", "complex")
 
 
 def read_manifests(images: Path) -> list[dict]:
@@ -59,110 +61,6 @@ def benchmark_prompts(path: Path, images_per_prompt: int, first_seed: int = 0) -
         if "_" in prompt:  # T2I-CompBench's file names carry the prompt; ours do not, but its prompts never hold "_"
             raise InputError(f"{path}:{number}: a prompt with '_' is not a T2I-CompBench prompt: {prompt!r}")
     return [{"prompt": p, "seed": first_seed + k} for p in prompts for k in range(images_per_prompt)]
-
-
-class AttributeBindingJudge:
-    """T2I-CompBench's attribute binding: BLIP-VQA P(yes) of each noun chunk, multiplied."""
-
-    def __init__(self, vqa_model: str, device: str, spacy_model: str):
-        from comat_lightning.judges.vqa import BlipVqa
-        from comat_lightning.text.entities import EntityParser
-
-        self.vqa = BlipVqa(vqa_model, device=device)
-        self.nlp = EntityParser(spacy_model).nlp
-        self.settings = {"vqa_model": vqa_model, "enc_token": self.vqa.uses_enc_token, "image_size": self.vqa.image_size, "spacy_model": spacy_model}
-
-    def score(self, images: list, prompts: list[str]) -> list[dict]:
-        from comat_lightning.evaluation.t2i_compbench import attribute_binding_score, noun_chunk_questions
-
-        questions = [noun_chunk_questions(p, self.nlp) for p in prompts]
-        flat = [(i, q) for i, qs in enumerate(questions) for q in qs]
-        yes = self.vqa.yes_probabilities([images[i] for i, _ in flat], [q for _, q in flat]).tolist() if flat else []
-        per_image: list[list[float]] = [[] for _ in prompts]
-        for (i, _), p in zip(flat, yes):
-            per_image[i].append(round(p, 4))
-        return [{"score": attribute_binding_score(y), "questions": q, "yes": y} for q, y in zip(questions, per_image)]
-
-
-class ClipSimilarityJudge:
-    """T2I-CompBench's non-spatial score: the cosine of CLIP image and prompt embeddings (no x100, x2.5 or floor)."""
-
-    def __init__(self, clip_model: str, device: str):
-        from transformers import CLIPModel, CLIPProcessor
-
-        from comat_lightning.tiny.zoo import resolve_model_path
-
-        folder = resolve_model_path(clip_model)
-        self.model = CLIPModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
-        self.processor = CLIPProcessor.from_pretrained(folder)
-        self.device = device
-        self.settings = {"clip_model": clip_model}
-
-    def score(self, images: list, prompts: list[str]) -> list[dict]:
-        import torch
-
-        with torch.no_grad():
-            pixels = self.processor.image_processor(images, return_tensors="pt").pixel_values.to(self.device)
-            text = self.processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-            image_features = self.model.get_image_features(pixel_values=pixels)
-            text_features = self.model.get_text_features(**text)
-            image_features = getattr(image_features, "pooler_output", image_features)
-            text_features = getattr(text_features, "pooler_output", text_features)
-            cosine = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1)
-        return [{"score": float(c)} for c in cosine]
-
-
-class SpatialJudge:
-    """T2I-CompBench's spatial score with GroundingDINO in place of UniDet (no transformers port of it exists):
-    the prompt's first and last nouns are detected, the best box of each above ``box_threshold`` is kept, and the
-    official position and combination rules score the image."""
-
-    def __init__(self, detector: str, device: str, spacy_model: str, box_threshold: float = 0.35):
-        from comat_lightning.judges.grounded_sam import GroundedSAMMasks
-        from comat_lightning.text.entities import EntityParser
-
-        self.detector = GroundedSAMMasks(detector=detector, segmenter=None, box_threshold=box_threshold).to(device).load()
-        self.nlp = EntityParser(spacy_model).nlp
-        self.box_threshold, self.device = box_threshold, device
-        self.settings = {"detector": detector, "box_threshold": box_threshold, "spacy_model": spacy_model}
-
-    def score(self, images: list, prompts: list[str]) -> list[dict]:
-        import numpy as np
-        import torch
-
-        from comat_lightning.evaluation.t2i_compbench import Box, spatial_objects, spatial_score
-
-        results = []
-        for image, prompt in zip(images, prompts):  # one image at a time: images may differ in size
-            names = [n for n in spatial_objects(prompt, self.nlp) if n is not None]
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None].to(self.device)
-            found = self.detector.detect(pixels, [names])[0] if names else []
-            detections = [(name, Box(*d.box.tolist(), d.score)) for name, d in zip(names, found) if d is not None]
-            score = spatial_score(prompt, self.nlp, detections, image_size=max(image.size), threshold=self.box_threshold)
-            results.append({"score": score, "objects": names, "boxes": [[*b.centre(), b.score] for _, b in detections]})
-        return results
-
-
-class GenEvalJudge:
-    """GenEval: Mask2Former instances and CLIP colours judged by the prompt's metadata (matched by prompt text)."""
-
-    def __init__(self, metadata: Path, segmenter: str, colour_clip: str, device: str):
-        from comat_lightning.evaluation.geneval import read_metadata
-        from comat_lightning.evaluation.geneval_judges import ColourClassifier, InstanceSegmenter
-
-        self.prompts = {p.prompt: p for p in read_metadata(metadata)}
-        self.segmenter = InstanceSegmenter(segmenter, device)
-        self.colours = ColourClassifier(colour_clip, device)
-        self.settings = {"segmenter": segmenter, "colour_clip": colour_clip, "metadata": str(metadata)}
-
-    def score(self, images: list, prompts: list[str]) -> list[dict]:
-        from comat_lightning.evaluation.geneval_judges import judge_images
-
-        unknown = [p for p in prompts if p not in self.prompts]
-        if unknown:
-            raise InputError(f"{self.settings['metadata']}: no metadata for the generated prompt {unknown[0]!r}")
-        results = judge_images([self.prompts[p] for p in prompts], images, self.segmenter, self.colours)
-        return [{**r, "score": float(r["correct"])} for r in results]
 
 
 def score_folder(images: Path, category: str, judge, output: Path, batch_size: int = 16) -> dict:
@@ -259,6 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     t2i.add_argument("--detector", default="IDEA-Research/grounding-dino-tiny", help="spatial: GroundingDINO (UniDet has no port)")
     t2i.add_argument("--box-threshold", type=float, default=0.35, help="spatial: the detector's score threshold")
     t2i.add_argument("--spacy-model", default="en_core_web_sm")
+    t2i.add_argument("--complex-spatial-prompts", type=Path, help="complex: the benchmark's complex_val_spatial.txt")
+    t2i.add_argument("--complex-action-prompts", type=Path, help="complex: the benchmark's complex_val_action.txt")
     t2i.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen = sub.add_parser("geneval", help="score a predict folder by GenEval's rules")
     gen.add_argument("--images", required=True, type=Path, help="the ImageWriter output_dir")
@@ -286,6 +186,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             judge = AttributeBindingJudge(args.vqa_model, args.device, args.spacy_model)
         elif args.category == "spatial":
             judge = SpatialJudge(args.detector, args.device, args.spacy_model, args.box_threshold)
+        elif args.category == "complex":
+            if not (args.complex_spatial_prompts and args.complex_action_prompts):
+                raise InputError("--category complex needs --complex-spatial-prompts and --complex-action-prompts (the benchmark's lists)")
+            judge = ComplexJudge(AttributeBindingJudge(args.vqa_model, args.device, args.spacy_model),
+                                 SpatialJudge(args.detector, args.device, args.spacy_model, args.box_threshold, complex_prompts=True),
+                                 ClipSimilarityJudge(args.clip_model, args.device), args.complex_spatial_prompts, args.complex_action_prompts)  # fmt: skip
         else:
             judge = ClipSimilarityJudge(args.clip_model, args.device)
         output = args.output or args.images.parent / f"scores_{args.category}"

@@ -88,3 +88,11 @@ def test_complex_rule_and_action_text(nlp):
     assert complex_score(0.6, action=0.3) == pytest.approx(0.45)
     assert complex_score(0.6, spatial=0.8, action=0.4) == pytest.approx(0.6)
     assert without_adjectives("a red cat chasing a small dog", nlp) == "a cat chasing a dog"
+
+
+def test_complex_prompts_take_the_objects_around_the_relation_phrase(nlp):
+    from comat_lightning.evaluation.t2i_compbench import complex_spatial_objects
+
+    assert complex_spatial_objects("The fluffy cat was lying on the left of the old red sofa", nlp) == ("cat", "sofa")
+    assert complex_spatial_objects("a woman sitting next to a wooden table", nlp) == ("person", "table")
+    assert complex_spatial_objects("a red car and a blue bus", nlp) == (None, None)

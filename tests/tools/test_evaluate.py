@@ -62,6 +62,17 @@ def test_tiny_t2i_compbench_evaluation_end_to_end(tmp_path):
     main(["t2i-compbench", "--category", "non_spatial", "--images", str(images), "--clip-model", "tiny://clip", "--device", "cpu"])
     clip = json.loads((images.parent / "scores_non_spatial" / "scores.json").read_text())
     assert clip["images"] == 4 and all(-1 <= r["score"] <= 1 for r in clip["per_image"])
+    # complex (3-in-1): "a green apple" is on the spatial list (attribute + spatial), the other prompt on neither (all three)
+    (tmp_path / "spatial.txt").write_text("A green apple.\n")
+    (tmp_path / "action.txt").write_text("a dog running\n")
+    main(["t2i-compbench", "--category", "complex", "--images", str(images), "--vqa-model", "tiny://blip-vqa", "--clip-model", "tiny://clip",
+          "--detector", "tiny://grounding-dino", "--complex-spatial-prompts", str(tmp_path / "spatial.txt"),
+          "--complex-action-prompts", str(tmp_path / "action.txt"), "--device", "cpu"])  # fmt: skip
+    complex_scores = json.loads((images.parent / "scores_complex" / "scores.json").read_text())
+    for r in complex_scores["per_image"]:
+        parts = ["attribute", "spatial"] if r["prompt"] == "a green apple" else ["attribute", "spatial", "action"]
+        assert sorted(k for k in ("attribute", "spatial", "action") if k in r) == sorted(parts)
+        assert r["score"] == pytest.approx(sum(r[k] for k in parts) / len(parts))
 
 
 @pytest.mark.slow
