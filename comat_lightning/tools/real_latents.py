@@ -162,22 +162,31 @@ def write_real_latents(
     log: Callable[[str], None] = print,
     progress: Optional[Callable[[int], None]] = None,
     stop: Optional[StopRequest] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
 ) -> dict[str, int]:
     """Make ``output`` hold one valid shard per ``shard_size`` prompts and the JSONL index; return the counts.
     ``progress(n)`` is told each time n more prompts are done (generated, or found in a valid shard). A ``stop``
     request ends the run at the next batch boundary with :class:`StoppedBySignal`: finished shards are on disk and
-    a rerun keeps them."""
+    a rerun keeps them. Data-parallel: process ``rank`` of ``world_size`` makes the shards whose number % world_size
+    == rank (a shard's latents depend only on its prompts' indices, not on who makes it), then ``barrier()``; rank 0
+    checks every shard and writes the index. A rerun with another number of processes keeps every valid shard."""
     from comat_lightning.tools.prepare_entities import write_jsonl_atomically
 
     output.mkdir(parents=True, exist_ok=True)
-    for leftover in output.glob(".shard-*.tmp"):  # from a process killed while saving
-        leftover.unlink(missing_ok=True)
+    if rank == 0:
+        for leftover in output.glob(".shard-*.tmp"):  # from a process killed while saving
+            leftover.unlink(missing_ok=True)
+    barrier()  # no rank saves before the leftovers are gone
     index = output / JSONL_NAME
     prompts = [r[PROMPT] for r in records]
     shape = latent_shape(module)
     shards = plan_shards(len(records), shard_size)
     counts = {"generated": 0, "regenerated": 0, "kept": 0}
     for shard in shards:
+        if shard.number % world_size != rank:
+            continue
         path = output / shard.name
         span = slice(shard.first, shard.first + shard.count)
         metadata = shard_metadata(context, shard, prompts[span], seed)
@@ -203,6 +212,14 @@ def write_real_latents(
         counts["generated" if reason == "missing" else "regenerated"] += 1
         done = f"generated in {time.monotonic() - started:.1f} s"
         log(f"{where}: {done}" if reason == "missing" else f"{where}: re{done}; the old file was {reason}")
+    barrier()  # every rank's shards are written
+    if rank != 0:
+        return counts
+    for shard in shards:  # another rank's shard must be there and valid before the index names it
+        metadata = shard_metadata(context, shard, prompts[shard.first : shard.first + shard.count], seed)
+        problem = check_shard(output / shard.name, metadata, (shard.count, *shape))
+        if problem is not None:
+            raise RuntimeError(f"{shard.name} is {problem} after every process finished; rerun the same command")
     expected = {s.name for s in shards}
     unused = sorted(p.name for p in output.glob("shard-*.safetensors") if p.name not in expected)
     if unused:
@@ -215,6 +232,26 @@ def write_real_latents(
             indexed.append({**records[i], "latent": entry, LATENT_SEED: latent_seed(seed, i)})
     write_jsonl_atomically(indexed, index)
     return counts
+
+
+def _processes(trainer) -> tuple[int, int, int, Callable[[], None]]:
+    """(rank, world size, local rank, barrier) of this process: one process, or every process of a torchrun / SLURM
+    launch (Lightning's own cluster environments read them), joined by a gloo (CPU) or NCCL (GPU) process group."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    environment = next((env() for env in (TorchElasticEnvironment, SLURMEnvironment) if env.detect()), None)
+    if environment is None or environment.world_size() <= 1:
+        return 0, 1, 0, lambda: None
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", environment.main_address)
+    os.environ.setdefault("MASTER_PORT", str(environment.main_port))
+    backend = "nccl" if trainer.strategy.root_device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=environment.global_rank(), world_size=environment.world_size())
+    if backend == "nccl":
+        torch.cuda.set_device(environment.local_rank())
+    return environment.global_rank(), environment.world_size(), environment.local_rank(), dist.barrier
 
 
 def build_module(config: Path):
@@ -266,8 +303,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     batch_size = args.batch_size or datamodule.batch_size
+    rank, world_size, local_rank, barrier = _processes(trainer)
     module.configure_model()
-    module.to(trainer.strategy.root_device).eval()
+    device = torch.device("cuda", local_rank) if trainer.strategy.root_device.type == "cuda" else trainer.strategy.root_device
+    module.to(device).eval()
     context = {
         "format": FORMAT,
         "config": str(args.config.resolve()),
@@ -277,10 +316,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "seed": str(args.seed),
         "seed_rule": f"seed * {SEED_STRIDE} + prompt index",
     }
-    print(f"{len(records)} prompts from {prompts_file}, {precision} on {module.device}, batches of {batch_size}", flush=True)
+    where = f"{module.device}" + (f", process {rank} of {world_size}" if world_size > 1 else "")
+    print(f"{len(records)} prompts from {prompts_file}, {precision} on {where}, batches of {batch_size}", flush=True)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(records), unit="prompt", desc="real latents", dynamic_ncols=True)
+    bar = tqdm(total=len(records), unit="prompt", desc="real latents", dynamic_ncols=True, disable=rank != 0)
     try:
         with StopRequest(what="sampling") as stop:  # SIGTERM/SIGINT: stop at the next batch, keep finished shards
             counts = write_real_latents(
@@ -295,12 +335,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 log=bar.write,  # lines above the bar, not through it
                 progress=bar.update,
                 stop=stop,
+                rank=rank,
+                world_size=world_size,
+                barrier=barrier,
             )
     except StoppedBySignal as stopped:
         bar.close()
         print(stopped.message, file=sys.stderr, flush=True)
         return stopped.code
     bar.close()
+    if rank != 0:
+        return 0
     print(
         f"{len(records)} prompts -> {counts['generated'] + counts['regenerated'] + counts['kept']} shards in {args.output} "
         f"({counts['generated']} generated, {counts['regenerated']} regenerated, {counts['kept']} kept) in "

@@ -349,3 +349,35 @@ def test_sigterm_stops_at_the_next_batch_and_the_rerun_completes(command, monkey
     expected = _shard_latents(command.out)
     assert all(_close(v, expected[k]) for k, v in _shard_latents(out).items()) and _shard_latents(out).keys() == expected.keys()
     assert (out / "real_latents.jsonl").read_text() == (command.out / "real_latents.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_write_what_one_process_writes(tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo on CPU): each process makes every other shard, rank 0 writes the index;
+    shards and index equal the one-process run's bit for bit; a shard lost afterwards is remade by a run with one
+    process (another process count resumes)."""
+    import os
+    import subprocess
+    import sys
+
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    config = _write_config(tmp_path / "config.yaml", "tiny_demo.yaml", prompts)
+    tool = ["-m", "comat_lightning.tools.real_latents", "--config", str(config), "--shard-size", str(SHARD_SIZE)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(prefix: list[str], output: Path) -> str:
+        proc = subprocess.run([*prefix, *tool, "--output", str(output)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    run([sys.executable], tmp_path / "one")
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path / "two")
+    assert "process 0 of 2" in out and "process 1 of 2" in out
+    one, two = _shard_latents(tmp_path / "one"), _shard_latents(tmp_path / "two")
+    assert list(one) == list(two) == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    assert all(torch.equal(one[name], two[name]) for name in one)
+    assert (tmp_path / "one" / "real_latents.jsonl").read_text() == (tmp_path / "two" / "real_latents.jsonl").read_text()
+    (tmp_path / "two" / "shard-00001.safetensors").unlink()
+    out = run([sys.executable], tmp_path / "two")
+    assert "(1 generated, 0 regenerated, 2 kept)" in out
+    assert torch.equal(_shard_latents(tmp_path / "two")["shard-00001.safetensors"], one["shard-00001.safetensors"])
