@@ -123,19 +123,37 @@ def report(summary: dict, images: Path, output: Path, worst: int = 8) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(first: Path, second: Path) -> dict:
+def compare(first: Path, second: Path, report_path: Optional[Path] = None, rows: int = 8) -> dict:
     """Two scores.json side by side: each score, and the mean and 95 % interval of the per-image differences
-    (second - first) over the images both scored (same prompt and seed)."""
+    (second - first) over the images both scored (same prompt and seed). With ``report_path``: a Markdown page with
+    the two runs' images side by side for the ``rows`` largest drops and gains."""
     a, b = (json.loads(Path(p).read_text()) for p in (first, second))
     if a.get("category") != b.get("category"):
         raise InputError(f"{first} is {a.get('category')!r}, {second} is {b.get('category')!r}: compare runs of one category")
-    left = {(r["prompt"], r["seed"]): r["score"] for r in a["per_image"]}
-    diffs = [r["score"] - left[(r["prompt"], r["seed"])] for r in b["per_image"] if (r["prompt"], r["seed"]) in left]
-    if not diffs:
+    left = {(r["prompt"], r["seed"]): r for r in a["per_image"]}
+    pairs = [(left[(r["prompt"], r["seed"])], r) for r in b["per_image"] if (r["prompt"], r["seed"]) in left]
+    if not pairs:
         raise InputError(f"{first} and {second} share no (prompt, seed): generate both from the same prompt file")
+    diffs = [y["score"] - x["score"] for x, y in pairs]
     half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-    return {"category": a["category"], "first": {"path": str(first), "score": a["score"]}, "second": {"path": str(second), "score": b["score"]},
-            "paired_images": len(diffs), "mean_difference": statistics.fmean(diffs), "ci95_half_width": half}  # fmt: skip
+    result = {"category": a["category"], "first": {"path": str(first), "score": a["score"]}, "second": {"path": str(second), "score": b["score"]},
+              "paired_images": len(diffs), "mean_difference": statistics.fmean(diffs), "ci95_half_width": half}  # fmt: skip
+    if report_path is not None:
+        ranked = sorted(pairs, key=lambda pair: pair[1]["score"] - pair[0]["score"])
+        folder = Path(report_path).resolve().parent
+
+        def image(run: dict, record: dict) -> str:
+            return f"![]({os.path.relpath(Path(run['images_folder']).resolve() / record['file'], folder)})"
+
+        lines = [f"# {a['category']}: {a['score']:.4f} -> {b['score']:.4f}", "",
+                 f"First: `{first}`; second: `{second}`. Paired images: {len(diffs)}, mean difference "
+                 f"{result['mean_difference']:+.4f} (95 % interval +-{half:.4f}).", ""]  # fmt: skip
+        for title, chosen in (("Largest drops", ranked[:rows]), ("Largest gains", ranked[::-1][:rows])):
+            lines += [f"## {title}", "", "| prompt | seed | first | second | first image | second image |", "| --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {x['prompt']} | {x['seed']} | {x['score']:.4f} | {y['score']:.4f} | {image(a, x)} | {image(b, y)} |" for x, y in chosen]
+            lines.append("")
+        write_bytes_atomically(Path(report_path), "\n".join(lines).encode())
+    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -170,6 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cmp = sub.add_parser("compare", help="two scores.json side by side with paired differences")
     cmp.add_argument("first", type=Path)
     cmp.add_argument("second", type=Path)
+    cmp.add_argument("--report", type=Path, default=None, help="a Markdown page with both runs' images side by side")
     args = parser.parse_args(argv)
     if args.command == "prompts":
         if args.geneval_metadata:
@@ -203,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         summary = score_folder(args.images, "geneval", judge, output)
         print(f"GenEval overall: {summary['score']:.4f} ({summary['images']} images) -> {output}")
     else:
-        print(json.dumps(compare(args.first, args.second), indent=1))
+        print(json.dumps(compare(args.first, args.second, args.report), indent=1))
 
 
 def _cuda() -> bool:

@@ -57,8 +57,12 @@ def test_tiny_t2i_compbench_evaluation_end_to_end(tmp_path):
     for r in other["per_image"]:
         r["score"] += 0.1
     (tmp_path / "other.json").write_text(json.dumps(other))
-    result = compare(out / "scores.json", tmp_path / "other.json")
+    result = compare(out / "scores.json", tmp_path / "other.json", report_path=tmp_path / "compare.md")
     assert result["paired_images"] == 4 and result["mean_difference"] == pytest.approx(0.1)
+    page = (tmp_path / "compare.md").read_text()
+    assert "## Largest drops" in page and "## Largest gains" in page
+    link = page.split("](", 1)[1].split(")", 1)[0]
+    assert (tmp_path / link).resolve().exists()  # side-by-side images link to the runs' files
     main(["t2i-compbench", "--category", "non_spatial", "--images", str(images), "--clip-model", "tiny://clip", "--device", "cpu"])
     clip = json.loads((images.parent / "scores_non_spatial" / "scores.json").read_text())
     assert clip["images"] == 4 and all(-1 <= r["score"] <= 1 for r in clip["per_image"])
