@@ -96,7 +96,7 @@ def test_generated_configs_are_committed_and_differ_only_as_documented():
         assert {**ablation, "trainer": {**ablation["trainer"], "callbacks": None}} == {**full, "trainer": {**full["trainer"], "callbacks": None}}
     assert make_configs.FIT_CONFIGS["max_steps"] * make_configs.ROLLOUTS_PER_STEP >= 20_000  # rollouts per fine-tune
     assert make_configs.FIT_CONFIGS["max_steps"] // make_configs.CHECKPOINT_EVERY >= 6  # learning-curve points
-    for name in make_configs.configs():  # the curve samples the LoRA of every checkpoint; ExportLoRA prunes it with its checkpoint
+    for name in [*make_configs.configs(), "comat_full"]:  # the curve samples the LoRA of every checkpoint; ExportLoRA prunes it with its checkpoint
         config = yaml.safe_load((SHAPES / "configs" / f"{name}.yaml").read_text())
         checkpoint = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
         assert checkpoint["init_args"]["save_top_k"] == -1 and checkpoint["init_args"]["every_n_train_steps"] == make_configs.CHECKPOINT_EVERY
