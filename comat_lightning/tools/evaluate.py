@@ -63,23 +63,34 @@ def benchmark_prompts(path: Path, images_per_prompt: int, first_seed: int = 0) -
     return [{"prompt": p, "seed": first_seed + k} for p in prompts for k in range(images_per_prompt)]
 
 
-def score_folder(images: Path, category: str, judge, output: Path, batch_size: int = 16) -> dict:
-    """Score every image of ``images`` not yet in ``output/per_image.jsonl``; write scores.json and report.md.
-    ``category``: a T2I-CompBench category, or "geneval" (scores are then per-tag fractions of correct images)."""
-    from PIL import Image
-
-    entries = read_manifests(images)
-    output.mkdir(parents=True, exist_ok=True)
-    per_image_file = output / "per_image.jsonl"
+def _scored(output: Path) -> dict[str, dict]:
+    """Every image scored so far, from ``per_image*.jsonl`` (one file per process of a data-parallel run)."""
     done = {}
-    if per_image_file.exists():
-        for line in per_image_file.read_text().splitlines():
+    for path in sorted(output.glob("per_image*.jsonl")):
+        for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
                 done[record["key"]] = record
             except (json.JSONDecodeError, KeyError):
                 pass  # a line cut by a kill: that image is scored again
-    todo = [e for e in entries if e["key"] not in done]
+    return done
+
+
+def score_folder(images: Path, category: str, judge, output: Path, batch_size: int = 16, rank: int = 0, world_size: int = 1,
+                 barrier=lambda: None) -> Optional[dict]:  # fmt: skip
+    """Score every image of ``images`` not yet in ``output/per_image*.jsonl``; write scores.json and report.md.
+    ``category``: a T2I-CompBench category, or "geneval" (scores are then per-tag fractions of correct images).
+    Data-parallel (torchrun / SLURM): process ``rank`` scores every ``world_size``-th image still to do into
+    ``per_image.rank{rank}.jsonl``; after ``barrier()`` rank 0 merges them and writes the summary (others get None).
+    A rerun with any number of processes scores only what no file holds yet."""
+    from PIL import Image
+
+    entries = read_manifests(images)
+    output.mkdir(parents=True, exist_ok=True)
+    barrier()  # every process sees the same finished files
+    done = _scored(output)
+    todo = [e for e in entries if e["key"] not in done][rank::world_size]
+    per_image_file = output / ("per_image.jsonl" if world_size == 1 else f"per_image.rank{rank}.jsonl")
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         pictures = [Image.open(images / e["file"]).convert("RGB") for e in batch]
@@ -88,6 +99,10 @@ def score_folder(images: Path, category: str, judge, output: Path, batch_size: i
                 record = {**entry, **result}
                 done[entry["key"]] = record
                 f.write(json.dumps(record) + "\n")
+    barrier()
+    if rank != 0:
+        return None
+    done = _scored(output)
     records = [done[e["key"]] for e in entries]
     if category == "geneval":
         from comat_lightning.evaluation.geneval import summarise
@@ -200,7 +215,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             records = benchmark_prompts(args.benchmark_prompts, args.images_per_prompt, args.first_seed)
         write_bytes_atomically(args.output, "".join(json.dumps(r) + "\n" for r in records).encode())
         print(f"{len(records)} records ({args.images_per_prompt} per prompt) -> {args.output}")
-    elif args.command == "t2i-compbench":
+    elif args.command in ("t2i-compbench", "geneval"):
+        from comat_lightning.runtime.data_parallel import launched_processes
+
+        processes = launched_processes(cuda=args.device.startswith("cuda"))
+        if processes[1] > 1 and args.device.startswith("cuda"):
+            args.device = f"cuda:{processes[2]}"
+        score_benchmark(args, *processes)
+    else:
+        print(json.dumps(compare(args.first, args.second, args.report), indent=1))
+
+
+def score_benchmark(args, rank: int, world_size: int, local_rank: int, barrier) -> None:
+    """The ``t2i-compbench`` / ``geneval`` commands: build the judge, score the folder (split over the processes)."""
+    if args.command == "t2i-compbench":
         if args.category in ATTRIBUTE_CATEGORIES:
             judge = AttributeBindingJudge(args.vqa_model, args.device, args.spacy_model)
         elif args.category == "spatial":
@@ -213,16 +241,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                  ClipSimilarityJudge(args.clip_model, args.device), args.complex_spatial_prompts, args.complex_action_prompts)  # fmt: skip
         else:
             judge = ClipSimilarityJudge(args.clip_model, args.device)
-        output = args.output or args.images.parent / f"scores_{args.category}"
-        summary = score_folder(args.images, args.category, judge, output)
-        print(f"T2I-CompBench {args.category}: {summary['score']:.4f} ({summary['images']} images, {summary['prompts']} prompts) -> {output}")
-    elif args.command == "geneval":
-        output = args.output or args.images.parent / "scores_geneval"
-        judge = GenEvalJudge(args.metadata, args.segmenter, args.colour_clip, args.device)
-        summary = score_folder(args.images, "geneval", judge, output)
-        print(f"GenEval overall: {summary['score']:.4f} ({summary['images']} images) -> {output}")
+        output, title = args.output or args.images.parent / f"scores_{args.category}", f"T2I-CompBench {args.category}"
+        summary = score_folder(args.images, args.category, judge, output, rank=rank, world_size=world_size, barrier=barrier)
     else:
-        print(json.dumps(compare(args.first, args.second, args.report), indent=1))
+        output, title = args.output or args.images.parent / "scores_geneval", "GenEval overall"
+        judge = GenEvalJudge(args.metadata, args.segmenter, args.colour_clip, args.device)
+        summary = score_folder(args.images, "geneval", judge, output, rank=rank, world_size=world_size, barrier=barrier)
+    if summary is not None:
+        print(f"{title}: {summary['score']:.4f} ({summary['images']} images, {summary['prompts']} prompts) -> {output}")
 
 
 def _cuda() -> bool:

@@ -234,26 +234,6 @@ def write_real_latents(
     return counts
 
 
-def _processes(trainer) -> tuple[int, int, int, Callable[[], None]]:
-    """(rank, world size, local rank, barrier) of this process: one process, or every process of a torchrun / SLURM
-    launch (Lightning's own cluster environments read them), joined by a gloo (CPU) or NCCL (GPU) process group."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    environment = next((env() for env in (TorchElasticEnvironment, SLURMEnvironment) if env.detect()), None)
-    if environment is None or environment.world_size() <= 1:
-        return 0, 1, 0, lambda: None
-    import torch.distributed as dist
-
-    os.environ.setdefault("MASTER_ADDR", environment.main_address)
-    os.environ.setdefault("MASTER_PORT", str(environment.main_port))
-    backend = "nccl" if trainer.strategy.root_device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, rank=environment.global_rank(), world_size=environment.world_size())
-    if backend == "nccl":
-        torch.cuda.set_device(environment.local_rank())
-    return environment.global_rank(), environment.world_size(), environment.local_rank(), dist.barrier
-
-
 def build_module(config: Path):
     """(module with models loaded, trainer, datamodule) from ``config`` through the training CLI."""
     from unittest import mock
@@ -303,7 +283,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     batch_size = args.batch_size or datamodule.batch_size
-    rank, world_size, local_rank, barrier = _processes(trainer)
+    from comat_lightning.runtime.data_parallel import launched_processes
+
+    rank, world_size, local_rank, barrier = launched_processes(cuda=trainer.strategy.root_device.type == "cuda")
     module.configure_model()
     device = torch.device("cuda", local_rank) if trainer.strategy.root_device.type == "cuda" else trainer.strategy.root_device
     module.to(device).eval()

@@ -137,3 +137,28 @@ def test_tiny_geneval_evaluation(tmp_path):
     with pytest.raises(InputError, match=r"bad.jsonl:2: \"include\""):
         main(["geneval", "--images", str(images), "--metadata", str(tmp_path / "bad.jsonl"), "--segmenter", "tiny://mask2former",
               "--colour-clip", "tiny://clip", "--device", "cpu"])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_scoring_split_over_two_processes_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo): each process scores every other image into its own file, rank 0 writes
+    the summary; the per-image scores equal a one-process run's."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    with (images / "manifest.jsonl").open("w") as manifest:
+        for i in range(5):
+            Image.new("RGB", (64, 64), (40 * i, 90, 160)).save(images / f"{i:05d}-s0.png")
+            manifest.write(json.dumps({"key": f"{i:05d}-s0", "prompt": f"a red car number {i}", "seed": 0, "file": f"{i:05d}-s0.png", "settings": {}}) + "\n")
+    command = ["-m", "comat_lightning.tools.evaluate", "t2i-compbench", "--category", "non_spatial", "--images", str(images),
+               "--clip-model", "tiny://clip", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for prefix, out in (([sys.executable], "one"), ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two")):
+        proc = subprocess.run([*prefix, *command, "--output", str(tmp_path / out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two").glob("per_image*.jsonl")) == ["per_image.rank0.jsonl", "per_image.rank1.jsonl"]
+    one, two = (json.loads((tmp_path / out / "scores.json").read_text()) for out in ("one", "two"))
+    assert [r["key"] for r in one["per_image"]] == [r["key"] for r in two["per_image"]] and two["images"] == 5
+    for a, b in zip(one["per_image"], two["per_image"]):
+        assert b["score"] == pytest.approx(a["score"], abs=1e-5)  # batch composition differs: float sums only
