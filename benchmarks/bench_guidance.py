@@ -81,18 +81,19 @@ def guidance_samplers(model: str, resolution: int, steps: int, layers_res: int, 
                           enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
         samplers[name] = functools.partial(trainer.predict, module, dataloaders=loader)
 
-    pipe = None
+    pipe, indices = None, None
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    guided = module  # the Attend-and-Excite module built last: its models are loaded by the time diffusers' runs
 
     def diffusers_attend_and_excite():
-        nonlocal pipe
-        if pipe is None:
+        nonlocal pipe, indices
+        if pipe is None:  # loaded once, in the warm-up round, with the token positions our prediction reads
             pipe = StableDiffusionAttendAndExcitePipeline.from_pretrained(
                 resolve_model_path(model), safety_checker=None, feature_extractor=None, requires_safety_checker=False
             ).to(device)
             pipe.set_progress_bar_config(disable=True)
-        # the token positions our prediction reads (module: the last one built above)
-        indices = concept_positions({"prompt": prompt, "concepts": list(words)}, module.backbone.tokenizers[0], module.concept_parser)[1]
+            record = {"prompt": prompt, "concepts": list(words)}
+            indices = concept_positions(record, guided.backbone.tokenizers[0], guided.concept_parser)[1]
         with autocast:  # as our Trainer's precision
             return pipe(prompt, token_indices=indices, num_inference_steps=steps, guidance_scale=7.5, height=resolution,
                         width=resolution, generator=torch.Generator().manual_seed(0), attn_res=(layers_res, layers_res))  # fmt: skip

@@ -49,6 +49,17 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 31
 _LOSSES = ("ConceptMatchingLoss", "AttributeConcentrationLoss", "FidelityPreservationLoss")
 
 
+def library_versions() -> dict:
+    """The versions a benchmark row records."""
+    import diffusers
+    import lightning
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "lightning": lightning.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}  # fmt: skip
+
+
 def peak_tflops(device_name: str):
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
@@ -103,13 +114,8 @@ def main() -> None:
     measure = ShapeOnlyFit() if args.shape_only else StepTimer(cuda=cuda, warmup=args.warmup, count_flops=not args.no_flops)
     run_fit(config, measure)
 
-    import diffusers
-    import lightning
-    import transformers
-
     device = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    versions = {"torch": torch.__version__, "lightning": lightning.__version__, "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__, "python": platform.python_version()}  # fmt: skip
+    versions = library_versions()
     setting = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "model": args.model, "resolution": resolution, "batch_per_device": batch, "inference_steps": inference_steps, "K": k,

@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from lightning.pytorch import Callback  # noqa: E402
 
+from benchmarks.bench_scale import StepTimer, bench_config, library_versions, peak_tflops, run_fit  # noqa: E402
 from benchmarks.cuda_smoke import optimizer_state_dtypes, predicted_images, resume_round_trip, vae_decode_finite  # noqa: E402
 
 RESULTS_FILE = REPO / "benchmarks" / "results" / "scale.jsonl"
@@ -142,7 +143,7 @@ class Check:
     def _write(self, row: dict) -> dict:
         import torch
 
-        row.update(device=self.device, dry_run=self.plan.dry_run, versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        row.update(device=self.device, dry_run=self.plan.dry_run, versions=library_versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
                    command=COMMAND, elapsed_since_start=time.perf_counter() - START,
                    torch_threads=torch.get_num_threads())  # fmt: skip
         self.rows.append(row)
@@ -181,12 +182,10 @@ class Check:
             times.append(time.perf_counter() - start)
         self.matmul_tflops = 2 * n**3 / statistics.median(times) / 1e12
         return {"side": n, "dtype": "bfloat16", "seconds_median": statistics.median(times), "tflops": self.matmul_tflops,
-                "data_sheet_bf16_tflops": data_sheet_peak(self.device)}  # fmt: skip
+                "data_sheet_bf16_tflops": peak_tflops(self.device)}  # fmt: skip
 
     def comat_step(self, model: str, batch: int, checkpointing: bool = True, optimizer: str = "adamw",
                    lora_rank: Optional[int] = None, profile: bool = False) -> dict:
-        from benchmarks.bench_scale import StepTimer, bench_config, run_fit
-
         plan = self.plan
         batch = min(batch, plan.batch_cap)
         pipeline = self.model(plan.sd15 if model == "sd15" else plan.sdxl)
@@ -199,7 +198,7 @@ class Check:
         callbacks = [timer] + ([ProfileStep(steps - 1, self.out / "profile_sd15.txt", self.cuda)] if profile else [])
         module = run_fit(config, *callbacks)
         figures = timer.figures(batch, self.matmul_tflops)
-        sheet = data_sheet_peak(self.device)
+        sheet = peak_tflops(self.device)
         figures["mfu_vs_data_sheet"] = figures["achieved_tflops_per_second"] / sheet if (sheet and figures["achieved_tflops_per_second"]) else None
         setting = {"model": plan.names[model], "resolution": plan.resolution, "batch_per_device": batch, "inference_steps": plan.inference_steps,
                    "K": plan.k, "precision": "bf16-mixed", "gradient_checkpointing": checkpointing, "optimizer": optimizer,
@@ -258,22 +257,6 @@ def sync(cuda: bool) -> None:
         import torch
 
         torch.cuda.synchronize()
-
-
-def versions() -> dict:
-    import diffusers
-    import lightning
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "lightning": lightning.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}  # fmt: skip
-
-
-def data_sheet_peak(device_name: str) -> Optional[float]:
-    from benchmarks.bench_scale import peak_tflops
-
-    return peak_tflops(device_name)
 
 
 def estimate_key(setting: dict) -> tuple:

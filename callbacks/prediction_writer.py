@@ -42,6 +42,28 @@ def manifest_name(rank: int, world_size: int) -> str:
     return "manifest.jsonl" if world_size <= 1 else f"manifest.rank{rank}.jsonl"
 
 
+def read_manifest(path: Path) -> tuple[list[dict[str, Any]], bytes]:
+    """The entries of an ImageWriter manifest and its bytes. A last line without its newline that does not parse is a
+    partial append (a crash mid-write, possibly inside a UTF-8 character) and is ignored; any other bad line is
+    an error naming ``file:line``."""
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")  # the last item is b"" when the file ends with a newline
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, an integer too long, nested too deep
+            if number == len(lines):
+                continue
+            raise InputError(f"{path}:{number}: not valid UTF-8 JSON ({err}); fix or delete the line") from err
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not KEY_PATTERN.fullmatch(entry["key"]):
+            raise InputError(f'{path}:{number}: not an ImageWriter entry (needs a file-safe string "key")')
+        entries.append(entry)
+    return entries, raw
+
+
 def concept_file_stems(concepts: list[str]) -> list[str]:
     """File-name stems for one image's concepts: runs of characters outside ``[A-Za-z0-9-]`` become ``-`` (never
     ``_``, so ``<key>_<stem>`` splits back at its last ``_`` and two keys can never collide), at most 48 characters,
@@ -142,7 +164,7 @@ class ImageWriter(BasePredictionWriter):
         recorded: set[str] = set()
         for name in existing:
             path = self.output_dir / name
-            entries, raw = self._read_manifest(path)
+            entries, raw = read_manifest(path)
             if name in tended:
                 # Keep finished entries, the last per key; drop the partial trailing line and entries whose PNG
                 # is gone (they will be redone and would otherwise appear twice).
@@ -154,27 +176,6 @@ class ImageWriter(BasePredictionWriter):
             recorded.update(e["key"] for e in entries)
         self._recorded = recorded
         self.done_at_start = len(self.done_keys())
-
-    def _read_manifest(self, path: Path) -> tuple[list[dict[str, Any]], bytes]:
-        """The entries of a manifest and its bytes. A last line without its newline that does not parse is a
-        partial append (a crash mid-write, possibly inside a UTF-8 character) and is ignored; any other bad line is
-        an error naming ``file:line``."""
-        raw = path.read_bytes()
-        lines = raw.split(b"\n")  # the last item is b"" when the file ends with a newline
-        entries = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line.decode("utf-8"))
-            except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, an integer too long, nested too deep
-                if number == len(lines):
-                    continue
-                raise InputError(f"{path}:{number}: not valid UTF-8 JSON ({err}); fix or delete the line") from err
-            if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not KEY_PATTERN.fullmatch(entry["key"]):
-                raise InputError(f'{path}:{number}: not an ImageWriter entry (needs a file-safe string "key")')
-            entries.append(entry)
-        return entries, raw
 
     def _remove_leftovers(self) -> None:
         """Temporary files of a process killed mid-write: this rank's, or every rank's for a single process."""

@@ -18,6 +18,7 @@ import torch
 
 from comat_lightning.errors import InputError
 from comat_lightning.evaluation.geneval import BACKGROUND_GREY, OBJECT_NAMES, Detection, colour_prompts
+from comat_lightning.judges.metrics import clip_embedding
 
 DEFAULT_SEGMENTER = "facebook/mask2former-swin-small-coco-instance"
 DEFAULT_COLOUR_CLIP = "openai/clip-vit-large-patch14"
@@ -64,13 +65,10 @@ class ColourClassifier:
     renormalised; the highest 100 x cosine wins)."""
 
     def __init__(self, path: str = DEFAULT_COLOUR_CLIP, device: str = "cpu"):
-        from transformers import CLIPModel, CLIPProcessor
+        from comat_lightning.judges.metrics import load_clip
 
-        from comat_lightning.tiny.zoo import resolve_model_path
-
-        folder = resolve_model_path(path)
-        self.model = CLIPModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
-        self.processor = CLIPProcessor.from_pretrained(folder)
+        self.model, self.processor = load_clip(path)
+        self.model.to(device)
         self.device = device
         self._weights: dict[str, tuple[list[str], torch.Tensor]] = {}
 
@@ -81,7 +79,7 @@ class ColourClassifier:
             columns = []
             for prompts in texts.values():
                 tokens = self.processor.tokenizer(prompts, padding=True, return_tensors="pt").to(self.device)
-                features = _features(self.model.get_text_features(**tokens))
+                features = clip_embedding(self.model.get_text_features(**tokens))
                 mean = torch.nn.functional.normalize(features, dim=-1).mean(0)
                 columns.append(torch.nn.functional.normalize(mean, dim=0))
             self._weights[classname] = (list(texts), torch.stack(columns, dim=1))  # (D, colours)
@@ -99,13 +97,9 @@ class ColourClassifier:
         x0, y0, x1, y1 = (int(round(v)) for v in detection.box)
         crop = composite[y0:y1, x0:x1]
         pixels = self.processor.image_processor([crop], return_tensors="pt").pixel_values.to(self.device)
-        features = torch.nn.functional.normalize(_features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
+        features = torch.nn.functional.normalize(clip_embedding(self.model.get_image_features(pixel_values=pixels)), dim=-1)
         names, weights = self._classifier(detection.cls)
         return names[int((100 * features @ weights).argmax())]
-
-
-def _features(output) -> torch.Tensor:
-    return getattr(output, "pooler_output", output)
 
 
 def judge_images(prompts: Sequence, images: Sequence, segmenter: InstanceSegmenter, colours: Optional[ColourClassifier]) -> list[dict]:

@@ -35,26 +35,23 @@ class ClipSimilarityJudge:
     """T2I-CompBench's non-spatial score: the cosine of CLIP image and prompt embeddings (no x100, x2.5 or floor)."""
 
     def __init__(self, clip_model: str, device: str):
-        from transformers import CLIPModel, CLIPProcessor
+        from comat_lightning.judges.metrics import load_clip
 
-        from comat_lightning.tiny.zoo import resolve_model_path
-
-        folder = resolve_model_path(clip_model)
-        self.model = CLIPModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
-        self.processor = CLIPProcessor.from_pretrained(folder)
+        self.model, self.processor = load_clip(clip_model)
+        self.model.to(device)
         self.device = device
         self.settings = {"clip_model": clip_model}
 
     def score(self, images: list, prompts: list[str]) -> list[dict]:
         import torch
 
+        from comat_lightning.judges.metrics import clip_embedding
+
         with torch.no_grad():
             pixels = self.processor.image_processor(images, return_tensors="pt").pixel_values.to(self.device)
             text = self.processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-            image_features = self.model.get_image_features(pixel_values=pixels)
-            text_features = self.model.get_text_features(**text)
-            image_features = getattr(image_features, "pooler_output", image_features)
-            text_features = getattr(text_features, "pooler_output", text_features)
+            image_features = clip_embedding(self.model.get_image_features(pixel_values=pixels))
+            text_features = clip_embedding(self.model.get_text_features(**text))
             cosine = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1)
         return [{"score": float(c)} for c in cosine]
 

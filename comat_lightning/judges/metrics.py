@@ -130,7 +130,8 @@ class ConceptOverlap(Metric):
         return self.total / self.counted
 
 
-def _load_clip(path: str) -> tuple[Any, Any]:
+def load_clip(path: str) -> tuple[Any, Any]:
+    """A frozen ``CLIPModel`` in eval mode and its ``CLIPProcessor`` from a hub id, folder or ``tiny://clip``."""
     from transformers import CLIPModel, CLIPProcessor
 
     path = resolve_model_path(path)
@@ -139,7 +140,8 @@ def _load_clip(path: str) -> tuple[Any, Any]:
     return model, CLIPProcessor.from_pretrained(path)
 
 
-def _embedding(features: Any) -> Tensor:
+def clip_embedding(features: Any) -> Tensor:
+    """The projected embedding of ``get_image_features`` / ``get_text_features``."""
     # transformers 5 returns a BaseModelOutputWithPooling from get_image_features / get_text_features, whose
     # pooler_output holds the projected embedding; transformers 4 returned that embedding as a plain tensor.
     return features if isinstance(features, Tensor) else features.pooler_output
@@ -170,7 +172,7 @@ class PromptCLIPScore(CLIPScore):
     full_state_update = False  # score and n_samples are sums; True would run CLIP twice in every forward()
 
     def __init__(self, path: str, **kwargs: Any) -> None:
-        super().__init__(model_name_or_path=partial(_load_clip, path), **kwargs)
+        super().__init__(model_name_or_path=partial(load_clip, path), **kwargs)
         self.path = path
         self.register_state_dict_post_hook(_drop_model_weights)
         self.register_load_state_dict_pre_hook(_keep_model_weights)
@@ -198,8 +200,8 @@ class PromptCLIPScore(CLIPScore):
             max_length=self.model.config.text_config.max_position_embeddings,
             return_tensors="pt",
         )
-        image_embeds = _embedding(self.model.get_image_features(pixel_values=image_inputs["pixel_values"].to(device)))
-        text_embeds = _embedding(
+        image_embeds = clip_embedding(self.model.get_image_features(pixel_values=image_inputs["pixel_values"].to(device)))
+        text_embeds = clip_embedding(
             self.model.get_text_features(input_ids=text_inputs["input_ids"].to(device), attention_mask=text_inputs["attention_mask"].to(device))
         )
         cosine = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)

@@ -8,9 +8,9 @@ one manifest per rank), from a prompt file this tool writes with N recorded seed
     python -m comat_lightning.tools.evaluate t2i-compbench --category color --images runs/eval/t2i_compbench/images
     python -m comat_lightning.tools.evaluate compare runs/eval/base/scores.json runs/eval/lora/scores.json
 
-Scoring writes ``<images>/../scores/`` (or ``--output``): ``scores.json`` (the category score, images and prompts
-counted, the judges and every image's score), ``per_image.jsonl`` (appended as images are scored: a re-run scores
-only new images) and ``report.md`` (the score and the worst prompts with their images). The rules are in
+Scoring writes ``<images>/../scores_<category>/`` (or ``--output``): ``scores.json`` (the category score, images and
+prompts counted, the judges and every image's score), ``per_image.jsonl`` (appended as images are scored: a re-run
+scores only new images; one file per process under torchrun) and ``report.md`` (the score and the worst prompts with their images). The rules are in
 comat_lightning/evaluation/; docs/evaluation.md says what each score means and where ours differs from the
 official evaluators.
 """
@@ -35,19 +35,20 @@ CATEGORIES = (*ATTRIBUTE_CATEGORIES, "non_spatial", "spatial", "complex")
 
 
 def read_manifests(images: Path) -> list[dict]:
-    """Every image ``train.py predict`` wrote into ``images`` (all ``manifest*.jsonl``: one per rank), by key."""
+    """Every image ``train.py predict`` wrote into ``images`` (all ``manifest*.jsonl``: one per rank; read as
+    ImageWriter reads them, a partial last line from a killed run skipped), by key."""
+    from callbacks.prediction_writer import read_manifest
+
     manifests = sorted(images.glob("manifest*.jsonl"))
     if not manifests:
         raise InputError(f"{images}: no manifest*.jsonl (the folder callbacks.ImageWriter writes with train.py predict)")
     entries: dict[str, dict] = {}
     for manifest in manifests:
-        for number, line in enumerate(manifest.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    entry = json.loads(line)
-                    entries[entry["key"]] = {"key": entry["key"], "prompt": entry["prompt"], "seed": entry["seed"], "file": entry["file"]}
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise InputError(f"{manifest}:{number}: not an ImageWriter manifest line ({err})") from None
+        for entry in read_manifest(manifest)[0]:
+            missing = [field for field in ("prompt", "seed", "file") if field not in entry]
+            if missing:
+                raise InputError(f"{manifest}: the entry of key {entry['key']!r} has no {', '.join(missing)}; not an ImageWriter manifest")
+            entries[entry["key"]] = {field: entry[field] for field in ("key", "prompt", "seed", "file")}
     return sorted(entries.values(), key=lambda e: e["key"])
 
 
@@ -96,9 +97,7 @@ def score_folder(images: Path, category: str, judge, output: Path, batch_size: i
         pictures = [Image.open(images / e["file"]).convert("RGB") for e in batch]
         with per_image_file.open("a") as f:
             for entry, result in zip(batch, judge.score(pictures, [e["prompt"] for e in batch])):
-                record = {**entry, **result}
-                done[entry["key"]] = record
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**entry, **result}) + "\n")
     barrier()
     if rank != 0:
         return None
