@@ -88,7 +88,9 @@ class GracefulStop(Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # Runs after the image writer (model callbacks come after the configured ones), so this batch is on disk.
-        if not trainer.strategy.reduce_boolean_decision(self._request.requested, all=False):
+        # Decided by each process alone: under DDP Lightning's predict sampler gives ranks unequal batch counts, so a
+        # collective here would wait forever on the rank with one batch more (torchrun and SLURM signal every rank).
+        if not self._request.requested:
             return
         self._stop(trainer, f"prediction stopped after batch {batch_idx}; rerun the same command to continue")
 

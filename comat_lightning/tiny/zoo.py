@@ -113,8 +113,26 @@ def resolve_model_path(path: str) -> str:
         raise InputError(f"unknown tiny model {path!r}; expected one of {[TINY_SCHEME + m for m in TINY_MODELS]}")
     target = zoo_root() / f"{name}-{ZOO_VERSION}"
     if not (target / ".complete").exists():
-        build_tiny_model(name, target)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _build_in_fresh_process(name, target)
+        else:
+            build_tiny_model(name, target)
     return str(target)
+
+
+def _build_in_fresh_process(name: str, target: Path) -> None:
+    """Build outside this process's process group: transformers' ``save_pretrained`` silently writes nothing on a
+    rank other than 0 of an initialised group, which left rank 1 of a first ``torchrun`` with an empty text encoder
+    folder marked complete. Every rank may build (one node's cache, or a shared one): the rename keeps one copy."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COMAT_TINY_ZOO": str(target.parent)}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "comat_lightning.tiny.zoo", name], env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not (target / ".complete").exists():
+        raise RuntimeError(f"building tiny://{name} in a separate process failed:\n{proc.stderr[-2000:]}")
 
 
 def build_tiny_model(name: str, target: Path) -> None:

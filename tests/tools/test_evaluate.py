@@ -163,3 +163,52 @@ def test_scoring_split_over_two_processes_under_torchrun_equals_one_process(tmp_
     assert [r["key"] for r in one["per_image"]] == [r["key"] for r in two["per_image"]] and two["images"] == 5
     for a, b in zip(one["per_image"], two["per_image"]):
         assert b["score"] == pytest.approx(a["score"], abs=1e-5)  # batch composition differs: float sums only
+
+
+@pytest.mark.slow
+def test_evaluation_images_under_torchrun_equal_one_process_and_resume_on_another_count(tmp_path):
+    """`train.py predict` under `torchrun --nproc_per_node 2` (Lightning DDP, gloo): 3 prompts, so the ranks get
+    unequal batch counts; each rank writes its own manifest and images equal the one-process run's. A lost image is
+    remade by a one-process rerun in the same folder, and only it. The tiny models are first built under torchrun
+    (transformers writes nothing from rank 1 of a process group: the zoo builds in a fresh process there)."""
+    import numpy as np
+    from PIL import Image
+
+    from callbacks.prediction_writer import read_manifest
+
+    predict = [str(REPO / "train.py"), "predict", "--config", str(REPO / "configs" / "eval" / "t2i_compbench.yaml"),
+               "--model.pretrained_model=tiny://sd", "--model.sampler.resolution=64", "--model.sampler.num_inference_steps=5",
+               "--trainer.accelerator=cpu", "--data.train_file=p.jsonl", "--data.batch_size=1", "--return_predictions=false"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launches = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]}
+
+    def run(name: str, folder: str, devices: str) -> None:
+        cwd = tmp_path / folder
+        cwd.mkdir(exist_ok=True)
+        (cwd / "p.jsonl").write_text("".join(json.dumps({"prompt": p, "seed": 7}) + "\n" for p in ("a red car", "a blue bus", "a green apple")))
+        extra = [f"--trainer.devices={devices}"] + (["--trainer.strategy=ddp"] if devices != "1" else [])
+        # The two-process run starts from an empty tiny-model cache: the models are first built under torchrun.
+        zoo = {"COMAT_TINY_ZOO": str(tmp_path / "fresh_zoo")} if name == "two" else {}
+        proc = subprocess.run([*launches[name], *predict, *extra], cwd=cwd, env={**env, **zoo}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    def images(folder: str) -> dict[str, np.ndarray]:
+        root = tmp_path / folder / "runs" / "eval" / "t2i_compbench" / "images"
+        entries = [e for path in sorted(root.glob("manifest*.jsonl")) for e in read_manifest(path)[0]]
+        return {e["key"]: np.asarray(Image.open(root / e["file"])).astype(int) for e in entries}
+
+    run("one", "one", "1")
+    run("two", "two", "2")
+    root = tmp_path / "two" / "runs" / "eval" / "t2i_compbench" / "images"
+    assert sorted(p.name for p in root.glob("manifest*.jsonl")) == ["manifest.rank0.jsonl", "manifest.rank1.jsonl"]
+    one, two = images("one"), images("two")
+    assert sorted(one) == sorted(two) and len(one) == 3
+    for key in one:  # per-image generators; the UNet's float sums differ with the batch only at ~1e-6
+        assert np.abs(one[key] - two[key]).max() <= 1, key
+    lost = sorted(two)[1]
+    (root / f"{lost}.png").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in root.glob("*.png")}
+    run("one", "two", "1")  # one process now: rank 0 owns the folder's manifests, the lost image is redone
+    assert {p.name: p.stat().st_mtime_ns for p in root.glob("*.png") if p.name in kept} == kept
+    again = images("two")
+    assert sorted(again) == sorted(one) and np.abs(again[lost] - one[lost]).max() <= 1
