@@ -10,6 +10,9 @@ Per record (JSONL fields, all optional besides "prompt"):
   replaces A-STAR's retention targets (layout mode).
 
 Images finished by an earlier run (``callbacks.ImageWriter.is_done``) are not sampled again.
+
+A batch that carries ``"latent_job"`` (``python -m comat_lightning.tools.real_latents``) asks for the frozen base
+model's final latents instead of images: the same predict loop, strategies and launch commands make both.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import torch
 
 from comat_lightning.errors import InputError
-from comat_lightning.files.record_fields import CONCEPTS, INDEX, LAYOUT, PROMPT, SEED, TOKEN_INDICES
+from comat_lightning.files.record_fields import CONCEPTS, INDEX, LATENT_SEED, LAYOUT, PROMPT, SEED, TOKEN_INDICES
 from comat_lightning.sampling.seeds import prompt_seed
 from comat_lightning.text.entities import EntityParser, Word
 
@@ -105,7 +108,7 @@ def layout_masks(records: list[dict], concepts: list[list[str]]) -> Optional[lis
     return out
 
 
-__all__ = ["check_concepts", "check_token_indices", "concept_positions", "image_key", "layout_masks", "record_seeds"]
+__all__ = ["check_concepts", "check_token_indices", "concept_positions", "image_key", "layout_masks", "predict_latents", "record_seeds"]
 
 
 @runtime_checkable
@@ -115,9 +118,29 @@ class WritesImages(Protocol):
     def is_done(self, key: str) -> bool: ...
 
 
+LATENT_JOB = "latent_job"  # a real-latents batch: {"shard": number, "offset": of its first prompt in the shard}
+
+
+def predict_latents(module, batch: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The frozen base's final latents (B, C, h, w) float32 on the CPU for a real-latents batch (``"prompt"``,
+    ``"latent_seed"`` lists, ``"latent_job"``): one generator per prompt, so a latent does not depend on its batch,
+    and the LoRA (if any) disabled. None for an empty batch (a rank with less work)."""
+    prompts = [str(p) for p in batch[PROMPT]]
+    if not prompts:
+        return None
+    generators = [torch.Generator().manual_seed(int(s)) for s in batch[LATENT_SEED]]
+    with torch.no_grad(), module.rollout.frozen_base() as unet:
+        latents = module.rollout.sample(prompts, generators, unet=unet)
+    return {"latents": latents.detach().to("cpu", torch.float32), LATENT_JOB: batch[LATENT_JOB]}
+
+
 def predict_batch(module, batch: dict[str, list]) -> Optional[dict[str, Any]]:
-    """Sample (or skip, if finished) the images of one batch; returns the ``callbacks.ImageWriter`` contract."""
+    """Sample (or skip, if finished) the images of one batch; returns the ``callbacks.ImageWriter`` contract.
+    A real-latents batch goes to :func:`predict_latents`."""
     from comat_lightning.sampling.guided import guided_sample
+
+    if LATENT_JOB in batch:
+        return predict_latents(module, batch)
 
     trainer = getattr(module, "_trainer", None)
     writer = next((cb for cb in trainer.callbacks if isinstance(cb, WritesImages)), None) if trainer is not None else None

@@ -151,7 +151,7 @@ def test_per_prompt_generators_draw_the_same_noise_in_any_batch():
 def test_interrupted_command_resumes_and_regenerates_only_bad_shards(command, monkeypatch):
     import safetensors.torch
 
-    from comat_lightning.tools import real_latents
+    from comat_lightning.sampling import prediction
 
     out = command.folder / "resumed"
     save = safetensors.torch.save_file
@@ -161,18 +161,18 @@ def test_interrupted_command_resumes_and_regenerates_only_bad_shards(command, mo
         save(tensors, filename, metadata=metadata)
         saves.append(filename)
         if len(saves) == 2:
-            raise KeyboardInterrupt
+            raise RuntimeError("killed")
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="killed"):
         command.run(out)
     monkeypatch.setattr(safetensors.torch, "save_file", save)
     assert sorted(p.name for p in out.iterdir()) == ["shard-00000.safetensors"]  # no temp file, no index yet
     kept_mtime = (out / "shard-00000.safetensors").stat().st_mtime_ns
 
     generated = []
-    generate = real_latents.generate_latents
-    monkeypatch.setattr(real_latents, "generate_latents", lambda m, prompts, *a, **k: generated.append(list(prompts)) or generate(m, prompts, *a, **k))
+    generate = prediction.predict_latents
+    monkeypatch.setattr(prediction, "predict_latents", lambda m, batch: generated.append(list(batch["prompt"])) or generate(m, batch))
     assert command.run(out) == 0
     assert generated == [["a blue bus and a green apple", "a dog"], ["a white horse"]]  # shard 0 was kept
     assert (out / "shard-00000.safetensors").stat().st_mtime_ns == kept_mtime
@@ -319,31 +319,32 @@ def test_command_works_for_sdxl(tmp_path, tiny_paths):
 
 
 def test_sigterm_stops_at_the_next_batch_and_the_rerun_completes(command, monkeypatch):
-    """A SIGTERM as shard 1 starts: the command exits 143 with shard 0 on disk and no index;
+    """A SIGTERM during shard 1's first batch: the command exits 143 after that batch with shard 0 on disk, shard 1
+    unwritten and no index;
     the rerun keeps shard 0 and ends with exactly the uninterrupted files."""
     import os
     import signal
 
-    from comat_lightning.tools import real_latents
+    from comat_lightning.sampling import prediction
 
     out = command.folder / "signalled"
-    generate = real_latents.generate_latents
+    generate = prediction.predict_latents
     calls = []
 
-    def generate_then_signal(module, prompts, *args, **kwargs):
-        calls.append(list(prompts))
-        if len(calls) == 2:  # the signal arrives as shard 1 starts: it stops at its first batch boundary
+    def generate_then_signal(module, batch):
+        calls.append(list(batch["prompt"]))
+        if len(calls) == 3:  # batches of one prompt: the signal arrives as shard 1 starts
             os.kill(os.getpid(), signal.SIGTERM)
-        return generate(module, prompts, *args, **kwargs)
+        return generate(module, batch)
 
-    monkeypatch.setattr(real_latents, "generate_latents", generate_then_signal)
+    monkeypatch.setattr(prediction, "predict_latents", generate_then_signal)
     before = signal.getsignal(signal.SIGTERM)
     assert command.run(out, "--batch-size", "1") == 143
     assert signal.getsignal(signal.SIGTERM) is before
     assert sorted(p.name for p in out.iterdir()) == ["shard-00000.safetensors"]  # shard 1 stopped unwritten, no index
     kept = (out / "shard-00000.safetensors").stat().st_mtime_ns
     calls.clear()
-    monkeypatch.setattr(real_latents, "generate_latents", generate)
+    monkeypatch.setattr(prediction, "predict_latents", generate)
     assert command.run(out, "--batch-size", "1") == 0
     assert (out / "shard-00000.safetensors").stat().st_mtime_ns == kept
     expected = _shard_latents(command.out)
