@@ -83,6 +83,11 @@ def _read_model_index(path: str, revision: Optional[str]) -> dict:
 
 def detect_family(path: str, revision: Optional[str] = None) -> Literal["sd", "sdxl"]:
     index = _read_model_index(path, revision)
+    if "unet" not in index and "transformer" in index:  # SD3 / SD3.5, FLUX.1, PixArt, ...: MMDiT, flow matching
+        raise InputError(
+            f"model.pretrained_model: {path} is a {index.get('_class_name', 'pipeline')} with a transformer backbone; "
+            "supported so far: the UNet families (StableDiffusionPipeline, StableDiffusionXLPipeline)"
+        )
     return "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd"
 
 

@@ -4,7 +4,8 @@ No model hub is reachable where this project is built and tested, so tests and t
 from configs with fixed seeds, written with ``save_pretrained`` in the hub's folder layout, and then loaded back
 through exactly the same ``from_pretrained`` code a real user's hub id or folder takes.
 
-A config names them as ``tiny://sd``, ``tiny://sdxl``, ``tiny://blip``, ``tiny://blip-vqa`` (BLIP for question answering), ``tiny://clip`` (a ``CLIPModel`` with
+A config names them as ``tiny://sd``, ``tiny://sdxl``, ``tiny://sd3`` and ``tiny://flux`` (MMDiT flow-matching
+families, built in :mod:`comat_lightning.tiny.transformer_zoo`), ``tiny://blip``, ``tiny://blip-vqa`` (BLIP for question answering), ``tiny://clip`` (a ``CLIPModel`` with
 its ``CLIPProcessor``, for the CLIP score), ``tiny://grounding-dino`` or ``tiny://sam`` (the last two built in
 :mod:`comat_lightning.tiny.detection_zoo`); :func:`resolve_model_path` builds the folder on first use
 (atomically: a half-built folder is never visible) under ``$COMAT_TINY_ZOO`` or ``~/.cache/comat_lightning/tiny_zoo``
@@ -32,13 +33,13 @@ TINY_SCHEME = "tiny://"
 
 
 # The cache key is a hash of the builders' files: any change to a builder invalidates previously built models.
-_BUILDER_FILES = tuple(Path(__file__).with_name(name) for name in ("zoo.py", "tokenizers.py", "detection_zoo.py"))
+_BUILDER_FILES = tuple(Path(__file__).with_name(name) for name in ("zoo.py", "tokenizers.py", "detection_zoo.py", "transformer_zoo.py"))
 
 
 ZOO_VERSION = hashlib.sha256(b"".join(f.read_bytes() for f in _BUILDER_FILES)).hexdigest()[:12]
 
 
-TINY_MODELS = ("sd", "sdxl", "blip", "blip-vqa", "clip", "grounding-dino", "sam", "mask2former")
+TINY_MODELS = ("sd", "sdxl", "sd3", "flux", "blip", "blip-vqa", "clip", "grounding-dino", "sam", "mask2former")
 
 
 _SD_SCHEDULER = {  # Stable Diffusion 1.5's published scheduler_config.json (PNDM, as on the hub)
@@ -141,10 +142,12 @@ def build_tiny_model(name: str, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         from comat_lightning.tiny.detection_zoo import build_grounding_dino, build_mask2former, build_sam
+        from comat_lightning.tiny.transformer_zoo import build_flux, build_sd3
 
         builders = {"sd": _build_sd, "sdxl": _build_sdxl, "blip": _build_blip, "clip": _build_clip,
                     "blip-vqa": lambda folder: _build_blip(folder, question_answering=True)}  # fmt: skip
         builders.update({"grounding-dino": build_grounding_dino, "sam": build_sam, "mask2former": build_mask2former})
+        builders.update({"sd3": build_sd3, "flux": build_flux})
         builders[name](tmp)
         (tmp / ".complete").write_text(ZOO_VERSION)
         try:

@@ -54,4 +54,4 @@ def test_unknown_tiny_model_name():
     from comat_lightning.tiny.zoo import resolve_model_path
 
     with pytest.raises(ValueError, match="unknown tiny model"):
-        resolve_model_path("tiny://sd3")
+        resolve_model_path("tiny://sd4")
