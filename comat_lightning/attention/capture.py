@@ -27,8 +27,8 @@ from torch import nn
 
 from comat_lightning.errors import InputError
 
-Block = Literal["down", "mid", "up"]
-BLOCKS: tuple[str, ...] = ("down", "mid", "up")
+Block = Literal["down", "mid", "up", "joint"]  # "joint": an MMDiT's joint attention (attention/joint_capture.py)
+BLOCKS: tuple[str, ...] = ("down", "mid", "up", "joint")
 BatchPart = Literal["cond", "all"]
 
 
@@ -36,7 +36,7 @@ BatchPart = Literal["cond", "all"]
 class LayerSelection:
     """Which cross-attention layers to capture.
 
-    blocks: UNet blocks to read ("down", "mid", "up").
+    blocks: UNet blocks to read ("down", "mid", "up"), or "joint" for an MMDiT's joint attention layers.
     resolutions: map sides (in latent pixels at the sampling resolution) to keep; None keeps every resolution.
     """
 

@@ -139,7 +139,7 @@ def test_unknown_attention_blocks_are_refused_naming_the_owner():
     from callbacks import AttentionMapLogger, AttentionSegregationLoss, AttributeConcentrationLoss, CompositionMetrics
     from comat_lightning.judges.masks import JsonlMasks
 
-    expected = r"blocks must be a non-empty list of \['down', 'mid', 'up'\], got \['middle'\]"
+    expected = r"blocks must be a non-empty list of \['down', 'mid', 'up', 'joint'\], got \['middle'\]"
     for owner, build in {
         "AttributeConcentrationLoss blocks / resolutions": lambda: AttributeConcentrationLoss(masks=JsonlMasks(), blocks=["middle"]),
         "AttentionSegregationLoss blocks / resolution": lambda: AttentionSegregationLoss(blocks=["middle"]),
