@@ -38,10 +38,10 @@ class ExportLoRA(Callback):
     def _export(self, trainer, pl_module, target: Path) -> None:
         if pl_module.finetune != "lora":
             return
-        from comat_lightning.models.lora_files import save_unet_lora
+        from comat_lightning.models.lora_files import save_denoiser_lora
 
         # Every rank takes part (FSDP2 gathers the shards from all of them); rank 0 writes.
-        written = save_unet_lora(pl_module.backbone.unet, pl_module.backbone.family, target, write=trainer.is_global_zero)
+        written = save_denoiser_lora(pl_module.backbone.unet, pl_module.backbone.family, target, write=trainer.is_global_zero)
         if written is not None:
             self.last_export = written
 

@@ -39,9 +39,9 @@ def load_backbone(
         base_unet = copy.deepcopy(unet).eval()
         unet.requires_grad_(True)
     elif lora_weights:
-        from comat_lightning.models.lora_files import load_unet_lora
+        from comat_lightning.models.lora_files import load_denoiser_lora
 
-        load_unet_lora(unet, lora_weights)
+        load_denoiser_lora(unet, lora_weights)
     elif add_lora:
         unet.add_adapter(lora.peft_config())  # B = 0: training starts exactly at the base model
     if gradient_checkpointing:

@@ -82,7 +82,7 @@ def test_checkpoint_reruns_use_the_adapter_of_their_forward(tiny_paths):
 def test_generator_term_leaves_the_discriminator_frozen_and_only_generator_lora_is_exported(tiny_paths, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from comat_lightning.models.lora_files import save_unet_lora
+    from comat_lightning.models.lora_files import save_denoiser_lora
 
     loss, module = _module(tiny_paths)
     unet = module.backbone.unet
@@ -91,7 +91,7 @@ def test_generator_term_leaves_the_discriminator_frozen_and_only_generator_lora_
     assert critic and all(p.requires_grad for p in critic)
     assert len(critic) == sum(1 for n, _ in unet.named_parameters() if f".{DISCRIMINATOR_ADAPTER}." in n) + 2  # + head
 
-    save_unet_lora(unet, "sd", tmp_path / "lora")
+    save_denoiser_lora(unet, "sd", tmp_path / "lora")
     pipe = StableDiffusionPipeline.from_pretrained(tiny_paths["sd"])
     pipe.load_lora_weights(tmp_path / "lora")
     x, cond = torch.randn(1, 4, 8, 8), module.backbone.encode_prompts(["a red car"], 64)

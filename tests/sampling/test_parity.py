@@ -166,7 +166,7 @@ def test_exported_lora_loads_into_diffusers_and_gives_the_same_unet(family, tiny
     pipeline's UNet compute exactly what our online UNet computes (rank 4 with alpha 8: the scale survives)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from comat_lightning.models.lora_files import save_unet_lora
+    from comat_lightning.models.lora_files import save_denoiser_lora
     from comat_lightning.training.module import LoraConfig
 
     module = make_module(tiny_paths[family], lora=LoraConfig(rank=4, alpha=8))
@@ -174,7 +174,7 @@ def test_exported_lora_loads_into_diffusers_and_gives_the_same_unet(family, tiny
         for name, param in module.backbone.unet.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
-    folder = save_unet_lora(module.backbone.unet, family, tmp_path / "lora")
+    folder = save_denoiser_lora(module.backbone.unet, family, tmp_path / "lora")
     assert (folder / "pytorch_lora_weights.safetensors").is_file()
 
     pipe = (StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline).from_pretrained(tiny_paths[family])

@@ -100,7 +100,7 @@ def test_lora_weights_file_loads_and_matches_diffusers(tiny_paths, tmp_path):
     from conftest import make_module
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from comat_lightning.models.lora_files import save_unet_lora
+    from comat_lightning.models.lora_files import save_denoiser_lora
     from comat_lightning.training.module import LoraConfig
 
     module = make_module(tiny_paths["sd"], lora=LoraConfig(rank=4, alpha=8))
@@ -108,7 +108,7 @@ def test_lora_weights_file_loads_and_matches_diffusers(tiny_paths, tmp_path):
         for name, param in module.backbone.unet.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
-    save_unet_lora(module.backbone.unet, "sd", tmp_path / "lora")
+    save_denoiser_lora(module.backbone.unet, "sd", tmp_path / "lora")
     _prompts(tmp_path, [{"prompt": "a red car", "seed": 5}])
     _predict(_config(tmp_path, {"pretrained_model": tiny_paths["sd"], "lora_weights": str(tmp_path / "lora")}))
     ours = _pngs(tmp_path / "out")["00000-s5"]
