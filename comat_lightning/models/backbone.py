@@ -172,6 +172,14 @@ class DiffusionBackbone(nn.Module):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def latents_for_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pipelines' ``latents / scaling_factor`` before ``vae.decode``."""
+        return latents / self.vae.config.scaling_factor
+
+    @property
     def max_prompt_tokens(self) -> int:
         return self.tokenizers[0].model_max_length
 

@@ -30,7 +30,7 @@ def load_backbone(
     UNet gets: for ``finetune="full"`` all its weights trainable (a frozen copy is returned as the base); else the
     LoRA of ``lora_weights`` if given, else a fresh ``lora`` adapter when ``add_lora`` (not when only sampling the
     base)."""
-    backbone = DiffusionBackbone.from_pretrained(**source)
+    backbone = _from_pretrained(source)
     if resolution % backbone.vae_scale_factor:
         raise InputError(f"model.sampler.resolution={resolution} is not divisible by this VAE's factor {backbone.vae_scale_factor}")
     backbone.requires_grad_(False)
@@ -49,6 +49,18 @@ def load_backbone(
         unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_keeping_adapters)
         backbone.vae.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_keeping_adapters)
     return backbone, base_unet
+
+
+def _from_pretrained(source: dict):
+    """A DiffusionBackbone (UNet families) or an MMDiTBackbone (SD3 / FLUX.1), by the pipeline's model_index.json."""
+    from comat_lightning.models.mmdit import MMDiTBackbone, mmdit_family
+
+    if mmdit_family(source["path"], source.get("revision")) is None:
+        return DiffusionBackbone.from_pretrained(**source)
+    for option in ("unet_path", "vae_path"):
+        if source.get(option):
+            raise InputError(f"model.{option}: replacing a component is supported for the UNet families only")
+    return MMDiTBackbone.from_pretrained(source["path"], revision=source.get("revision"), variant=source.get("variant"))
 
 
 def frozen_weight_dtype(option: str, precision: str) -> Optional[torch.dtype]:

@@ -31,6 +31,10 @@ class FlowConditioning:
     embeds: torch.Tensor  # (B, T, D): SD3 = 77 CLIP tokens (L|G, padded to T5's width) then the T5 tokens; FLUX = T5
     pooled: torch.Tensor  # (B, P): SD3 = CLIP-L | CLIP-G projections; FLUX = CLIP-L pooler output
 
+    @property
+    def device(self) -> torch.device:
+        return self.embeds.device
+
     def expand(self, batch_size: int) -> "FlowConditioning":
         return FlowConditioning(self.embeds.expand(batch_size, *self.embeds.shape[1:]), self.pooled.expand(batch_size, *self.pooled.shape[1:]))
 
@@ -49,6 +53,16 @@ def detect_mmdit_family(index: dict) -> Optional[MMDiTFamily]:
     if name.startswith("Flux"):
         return "flux"
     return None
+
+
+def mmdit_family(path: str, revision: Optional[str] = None) -> Optional[MMDiTFamily]:
+    """"sd3" / "flux" for a pipeline folder or hub id of those families, None for any other (or unreadable) one."""
+    from comat_lightning.models.backbone import _read_model_index
+
+    try:
+        return detect_mmdit_family(_read_model_index(resolve_model_path(path), revision))
+    except (OSError, InputError):
+        return None  # the UNet path reports what is wrong with it
 
 
 class MMDiTBackbone(nn.Module):
@@ -95,6 +109,11 @@ class MMDiTBackbone(nn.Module):
         scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler", revision=revision)
         return cls(family, transformer, vae, encoders, tokenizers, scheduler_config, length)
 
+    @property
+    def unet(self) -> nn.Module:
+        """The denoiser, under the name the module, rollout and capture use for every family."""
+        return self.transformer
+
     # ------------------------------------------------------------------------------------------ geometry
 
     @property
@@ -117,8 +136,9 @@ class MMDiTBackbone(nn.Module):
         return ids.to(self.vae.device)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> FlowConditioning:
-        """Frozen text encoding, identical to the pipelines' ``encode_prompt`` (no clip-skip, no prompt weighting)."""
+    def encode_prompts(self, prompts: list[str], resolution: Optional[int] = None) -> FlowConditioning:
+        """Frozen text encoding, identical to the pipelines' ``encode_prompt`` (no clip-skip, no prompt weighting);
+        ``resolution`` is unused (SDXL's size conditioning has no counterpart here)."""
         t5_tokenizer, t5 = self.tokenizers[-1], self.text_encoders[-1]
         t5_states = t5(self._ids(t5_tokenizer, prompts, self.max_sequence_length))[0]
         if self.family == "flux":

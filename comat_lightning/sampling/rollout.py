@@ -123,11 +123,20 @@ class Rollout:
         """A fresh scheduler set to the sampler's steps (schedulers keep per-rollout state) and the start latent
         (B, C, h, w) of ``count`` images."""
         backbone, cfg = self.backbone, self.sampler
-        scheduler = self.make_scheduler()
-        scheduler.set_timesteps(cfg.num_inference_steps, device=self.device)
         size = cfg.resolution // backbone.vae_scale_factor
-        latents = initial_noise(count, backbone.unet.config.in_channels, size, generator, self.device, scheduler.init_noise_sigma)
+        if self.flow_matching:  # the pipeline's own timesteps (SD3's shift, FLUX's resolution-dependent mu)
+            scheduler = backbone.make_scheduler(cfg.num_inference_steps, size, self.device)
+        else:
+            scheduler = self.make_scheduler()
+            scheduler.set_timesteps(cfg.num_inference_steps, device=self.device)
+        sigma = getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts from unit noise (its scheduler has no such field)
+        latents = initial_noise(count, backbone.latent_channels, size, generator, self.device, sigma)
         return scheduler, latents
+
+    @property
+    def flow_matching(self) -> bool:
+        """An MMDiT flow-matching backbone (SD3 / FLUX.1) rather than a UNet family."""
+        return hasattr(self.backbone, "make_scheduler")
 
     def sample(
         self, prompts: list[str], generator, gradient_steps=(), unet: Optional[nn.Module] = None, step_hook=None, latent_update=None
@@ -136,6 +145,15 @@ class Rollout:
         torch.Generator for the batch or one per prompt (then each image is independent of its batch)."""
         scheduler, latents = self.start(len(prompts), generator)
         cfg = self.sampler
+        if self.flow_matching:
+            from comat_lightning.sampling.flow_matching import flow_denoise
+
+            uncond = None if self.backbone.guidance_distilled else self.empty_prompt().expand(len(prompts))
+            return flow_denoise(
+                self.backbone, unet or self.backbone.unet, scheduler, self.backbone.encode_prompts(prompts), uncond, latents,
+                cfg.guidance_scale, gradient_steps=gradient_steps, detach_model_input=cfg.detach_unet_input, step_hook=step_hook,
+                latent_update=latent_update,
+            )  # fmt: skip
         return denoise(
             unet or self.backbone.unet, scheduler, self.backbone.encode_prompts(prompts, cfg.resolution), self.empty_prompt().expand(len(prompts)),
             latents, cfg.guidance_scale, generator=generator, gradient_steps=gradient_steps, detach_unet_input=cfg.detach_unet_input,
@@ -158,7 +176,7 @@ class Rollout:
         fp16 = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
         with torch.autocast(device.type, enabled=False) if fp16 else contextlib.nullcontext():
             dtype = torch.float32 if fp16 else vae.dtype
-            image = vae.decode((latents / vae.config.scaling_factor).to(dtype)).sample
+            image = vae.decode(self.backbone.latents_for_vae(latents).to(dtype)).sample
         return image.float() / 2 + 0.5
 
     def make_scheduler(self):
@@ -166,6 +184,8 @@ class Rollout:
         (rollout, discriminator, validation) gets its own."""
         import diffusers
 
+        if self.flow_matching:
+            return diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.backbone.scheduler_config)
         return getattr(diffusers, self.sampler.scheduler).from_config(self.backbone.scheduler_config)
 
     def empty_prompt(self) -> Conditioning:

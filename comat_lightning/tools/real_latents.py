@@ -62,7 +62,7 @@ _PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 def latent_shape(module) -> tuple[int, int, int]:
     backbone = module.backbone
     size = module.sampler.resolution // backbone.vae_scale_factor
-    return (backbone.unet.config.in_channels, size, size)
+    return (backbone.latent_channels, size, size)
 
 
 class LatentJobs(torch.utils.data.Dataset):

@@ -181,6 +181,19 @@ def check_run_settings(module, stage: str) -> None:
         )
 
 
+def _check_mmdit_support(module, stage: str, family: str) -> None:
+    """What is built so far for SD3 / FLUX.1 (issue 25): plain sampling with ``train.py predict``, with or without a
+    LoRA. Everything else is refused here, before any weight loads."""
+    name = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1"}[family]
+    if stage != "predict":
+        raise InputError(f"model.pretrained_model is a {name} pipeline: training it is not supported yet; `train.py predict` samples it")
+    if module.guidance is not None:
+        raise InputError(f"model.guidance: {type(module.guidance).__name__} on {name} is not supported yet; unguided `predict` is")
+    for option in ("unet_path", "vae_path"):
+        if module.model_source.get(option):
+            raise InputError(f"model.{option}: replacing a component is supported for the UNet families only")
+
+
 def check_model_inputs(module, stage: str) -> None:
     """Refuse, before ``configure_model`` loads any weights: model paths that do not exist, a resolution the VAE
     cannot encode, attention layers that the UNet lacks at the sampling resolution, LoRA targets it does not have."""
@@ -189,6 +202,12 @@ def check_model_inputs(module, stage: str) -> None:
     check_local_path("model.unet_path", source.get("unet_path"), "UNet folder")
     check_local_path("model.vae_path", source.get("vae_path"), "VAE folder")
     check_local_path("model.lora_weights", module.lora_weights, "LoRA file or folder")
+    from comat_lightning.models.mmdit import mmdit_family
+
+    family = mmdit_family(source["path"], source.get("revision"))
+    if family is not None:
+        _check_mmdit_support(module, stage, family)
+        return
     if source.get("family", "auto") == "auto" and user_path(resolve_model_path(source["path"])).is_dir():
         from comat_lightning.models.backbone import detect_family
 
