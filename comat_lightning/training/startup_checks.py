@@ -183,10 +183,22 @@ def check_run_settings(module, stage: str) -> None:
 
 def _check_mmdit_support(module, stage: str, family: str) -> None:
     """What is built so far for SD3 / FLUX.1 (issue 25): plain sampling with ``train.py predict``, with or without a
-    LoRA. Everything else is refused here, before any weight loads."""
+    LoRA, and LoRA fine-tuning with Concept Matching alone (no attention maps, no discriminator) on one device or
+    DDP. Everything else is refused here, before any weight loads."""
+    from comat_lightning.models.sharding import is_model_parallel
+    from comat_lightning.training.losses import AdversarialLoss
+
     name = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1"}[family]
     if stage != "predict":
-        raise InputError(f"model.pretrained_model is a {name} pipeline: training it is not supported yet; `train.py predict` samples it")
+        latent = module.sampler.resolution // 8
+        readers = [option for option, _ in _attention_requests(module, stage, latent)]
+        readers += [f"{type(loss).__name__} (its discriminator)" for loss in module.losses if isinstance(loss, AdversarialLoss)]
+        if readers:
+            raise InputError(f"on a {name} pipeline, training supports ConceptMatchingLoss only so far; not yet: {', '.join(readers)}")
+        if module.finetune != "lora":
+            raise InputError(f"model.finetune={module.finetune}: on a {name} pipeline only LoRA fine-tuning is supported so far")
+        if is_model_parallel(module._trainer):
+            raise InputError(f"trainer.strategy: FSDP2 sharding of the {name} transformer is not supported yet; use DDP")
     if module.guidance is not None:
         raise InputError(f"model.guidance: {type(module.guidance).__name__} on {name} is not supported yet; unguided `predict` is")
     for option in ("unet_path", "vae_path"):
