@@ -86,11 +86,20 @@ class CrossAttentionLayer:
     heads: int
 
 
+def is_transformer_denoiser(model: nn.Module) -> bool:
+    """An MMDiT (SD3 / FLUX.1 transformer) rather than a UNet: its maps come from joint attention."""
+    return hasattr(model, "transformer_blocks") and not hasattr(model, "down_blocks")
+
+
 def cross_attention_layers(unet: nn.Module, latent_size: int) -> list[CrossAttentionLayer]:
     """Every cross-attention layer of a diffusers UNet2DConditionModel, with its block and map resolution for a
     square latent of side ``latent_size``. A down block works at the resolution left by the downsamplers before
-    it; the mid block after all of them; each up block at the resolution its predecessors upsampled to."""
+    it; the mid block after all of them; each up block at the resolution its predecessors upsampled to. For an
+    MMDiT: its joint attention layers (block "joint", attention/joint_capture.py)."""
     from diffusers.models.attention_processor import Attention
+
+    if is_transformer_denoiser(unet):
+        return joint_attention_layers(unet, latent_size)
 
     sizes: dict[str, int] = {}
     size = latent_size
@@ -113,6 +122,14 @@ def cross_attention_layers(unet: nn.Module, latent_size: int) -> list[CrossAtten
         block: Block = "mid" if prefix == "mid_block." else prefix.split("_")[0]  # type: ignore[assignment]
         layers.append(CrossAttentionLayer(name=name, block=block, resolution=sizes[prefix], heads=module.heads))
     return layers
+
+
+def joint_attention_layers(transformer: nn.Module, latent_size: int) -> list[CrossAttentionLayer]:
+    """The joint attention layers of an SD3 or FLUX transformer (every block's ``attn``; FLUX: the double-stream
+    blocks), block "joint", map side = latent side / 2 (SD3's 2x2 patches, FLUX's 2x2 packing)."""
+    heads = transformer.config.num_attention_heads
+    return [CrossAttentionLayer(name=f"transformer_blocks.{i}.attn", block="joint", resolution=latent_size // 2, heads=heads)
+            for i in range(len(transformer.transformer_blocks))]  # fmt: skip
 
 
 def unique_layers(unet: nn.Module, selections: Sequence[LayerSelection], latent_size: int) -> list[CrossAttentionLayer]:
@@ -259,12 +276,22 @@ class AttentionCaptureProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def capture_processor(model: nn.Module, store: AttentionStore, layer: str, keep: bool = True):
+    """The capture processor for one layer of ``model``: explicit cross-attention softmax (UNet) or the joint
+    attention's renormalised image x text block (SD3 / FLUX transformer)."""
+    if is_transformer_denoiser(model):
+        from comat_lightning.attention.joint_capture import joint_processor
+
+        return joint_processor(model, store, layer, keep)
+    return AttentionCaptureProcessor(store, layer, keep)
+
+
 def install_capture(unet: nn.Module, layers: Sequence[CrossAttentionLayer], store: AttentionStore) -> None:
     """Give exactly ``layers`` a capture processor; every other layer keeps the processor it has (SDPA).
     Call again after anything that resets processors (``set_default_attn_processor``, xformers)."""
     modules = dict(unet.named_modules())
     for layer in layers:
-        modules[layer.name].set_processor(AttentionCaptureProcessor(store, layer.name))
+        modules[layer.name].set_processor(capture_processor(unet, store, layer.name))
         store.layers[layer.name] = layer
 
 
@@ -279,10 +306,10 @@ def temporary_capture(unet: nn.Module, layers: Sequence[CrossAttentionLayer], st
     for layer in layers:
         module = modules[layer.name]
         current = module.processor
-        if isinstance(current, AttentionCaptureProcessor) and current.store is store:
+        if getattr(current, "store", None) is store:  # already captures into this store
             continue
         replaced[layer.name] = current
-        module.set_processor(AttentionCaptureProcessor(store, layer.name, keep=False))
+        module.set_processor(capture_processor(unet, store, layer.name, keep=False))
     try:
         yield
     finally:

@@ -26,17 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comat_lightning.attention.capture import AttentionStore, CrossAttentionLayer
-
-JOINT_BLOCK = "joint"
-
-
-def joint_attention_layers(transformer: nn.Module, latent_size: int) -> list[CrossAttentionLayer]:
-    """The joint attention layers of an SD3 or FLUX transformer, with their map side for a square latent."""
-    side = latent_size // 2
-    heads = transformer.config.num_attention_heads
-    return [CrossAttentionLayer(name=f"transformer_blocks.{i}.attn", block=JOINT_BLOCK, resolution=side, heads=heads)  # type: ignore[arg-type]
-            for i in range(len(transformer.transformer_blocks))]  # fmt: skip
+from comat_lightning.errors import InputError
 
 
 def text_block(query: torch.Tensor, key: torch.Tensor, image: slice, text: slice, scale: float) -> torch.Tensor:
@@ -49,7 +39,7 @@ class SD3JointCaptureProcessor:
     """diffusers' ``JointAttnProcessor2_0`` (SD3 / SD3.5 joint attention: keys = [image; text]) that also offers
     the renormalised image x text block to ``store``."""
 
-    def __init__(self, store: AttentionStore, layer: str, keep: bool = True):
+    def __init__(self, store, layer: str, keep: bool = True):
         self.store, self.layer, self.keep = store, layer, keep
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
@@ -88,7 +78,7 @@ class FluxJointCaptureProcessor:
     """diffusers' ``FluxAttnProcessor`` for the double-stream blocks (keys = [text; image], RoPE on both) that also
     offers the renormalised image x text block to ``store``."""
 
-    def __init__(self, store: AttentionStore, layer: str, keep: bool = True):
+    def __init__(self, store, layer: str, keep: bool = True):
         self.store, self.layer, self.keep = store, layer, keep
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
@@ -118,13 +108,26 @@ class FluxJointCaptureProcessor:
         return out, attn.to_add_out(text_out.contiguous())
 
 
-def install_joint_capture(transformer: nn.Module, family: str, layers: Sequence[CrossAttentionLayer], store: AttentionStore) -> None:
-    """Give exactly ``layers`` a capture processor of ``family`` ("sd3" / "flux"); the others keep theirs."""
-    processor = {"sd3": SD3JointCaptureProcessor, "flux": FluxJointCaptureProcessor}[family]
+def joint_processor(transformer: nn.Module, store, layer: str, keep: bool = True):
+    """The capture processor of ``transformer``'s family for one joint attention layer."""
+    name = type(transformer).__name__
+    if name.startswith("SD3"):
+        return SD3JointCaptureProcessor(store, layer, keep)
+    if name.startswith("Flux"):
+        return FluxJointCaptureProcessor(store, layer, keep)
+    raise InputError(f"attention capture: {name} is not an SD3 or FLUX transformer")
+
+
+def install_joint_capture(transformer: nn.Module, family: str, layers: Sequence, store) -> None:
+    """Give exactly ``layers`` a capture processor (``family`` "sd3" / "flux" is checked against the model); the
+    others keep theirs. ``attention.capture.install_capture`` does the same for any denoiser."""
     modules = dict(transformer.named_modules())
     for layer in layers:
-        modules[layer.name].set_processor(processor(store, layer.name))
+        processor = joint_processor(transformer, store, layer.name)
+        if type(processor) is not {"sd3": SD3JointCaptureProcessor, "flux": FluxJointCaptureProcessor}[family]:
+            raise InputError(f"attention capture: {type(transformer).__name__} is not a {family} transformer")
+        modules[layer.name].set_processor(processor)
         store.layers[layer.name] = layer
 
 
-__all__ = ["FluxJointCaptureProcessor", "JOINT_BLOCK", "SD3JointCaptureProcessor", "install_joint_capture", "joint_attention_layers", "text_block"]
+__all__ = ["FluxJointCaptureProcessor", "SD3JointCaptureProcessor", "install_joint_capture", "joint_processor", "text_block"]

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from comat_lightning.attention.capture import LayerSelection, cross_attention_layers
+from comat_lightning.attention.capture import CrossAttentionLayer, LayerSelection, cross_attention_layers
 from comat_lightning.errors import InputError
 from comat_lightning.files.paths import check_local_path, user_path
 from comat_lightning.tiny.zoo import resolve_model_path
@@ -190,11 +190,22 @@ def _check_mmdit_support(module, stage: str, family: str) -> None:
 
     name = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1"}[family]
     if stage != "predict":
-        latent = module.sampler.resolution // 8
-        readers = [option for option, _ in _attention_requests(module, stage, latent)]
-        readers += [f"{type(loss).__name__} (its discriminator)" for loss in module.losses if isinstance(loss, AdversarialLoss)]
-        if readers:
-            raise InputError(f"on a {name} pipeline, training supports ConceptMatchingLoss only so far; not yet: {', '.join(readers)}")
+        geometry = vae_geometry(module.model_source["path"])
+        latent = module.sampler.resolution // (geometry[0] if geometry else 8)
+        requests = _attention_requests(module, stage, latent)
+        adversaries = [f"{type(loss).__name__} (its discriminator)" for loss in module.losses if isinstance(loss, AdversarialLoss)]
+        if adversaries or (requests and family == "flux"):
+            not_yet = adversaries + [option for option, _ in requests]
+            raise InputError(
+                f"on a {name} pipeline, training supports ConceptMatchingLoss{' and the losses that read attention maps' if family == 'sd3' else ''} "
+                f"so far; not yet: {', '.join(not_yet)}" + (" (FLUX's text keys are T5 tokens: aligning prompt words to them is not built yet)" if requests and family == "flux" else "")
+            )  # fmt: skip
+        joint = CrossAttentionLayer(name="transformer_blocks.*.attn", block="joint", resolution=latent // 2, heads=0)
+        for option, selection in requests:
+            if geometry and not selection.matches(joint):
+                asked = list(selection.resolutions) if selection.resolutions else "all"
+                raise InputError(f"{option}: blocks={list(selection.blocks)} resolutions={asked} match no layer of this {name} model; its maps "
+                                 f"are block joint, side {latent // 2} at model.sampler.resolution={module.sampler.resolution}")  # fmt: skip
         if module.finetune != "lora":
             raise InputError(f"model.finetune={module.finetune}: on a {name} pipeline only LoRA fine-tuning is supported so far")
         if is_model_parallel(module._trainer):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comat_lightning.attention.capture import AttentionStore
-from comat_lightning.attention.joint_capture import install_joint_capture, joint_attention_layers
+from comat_lightning.attention.capture import AttentionStore, joint_attention_layers
+from comat_lightning.attention.joint_capture import install_joint_capture
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])

@@ -63,8 +63,35 @@ def test_losses_that_read_attention_or_a_discriminator_are_refused_before_loadin
     monkeypatch.setattr(MMDiTBackbone, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
     concept = {"class_path": "callbacks.ConceptMatchingLoss", "init_args": {"captioner": "tiny://blip"}}
     fidelity = {"class_path": "callbacks.FidelityPreservationLoss", "init_args": {"real_latents": "on_the_fly", "lora_rank": 4}}
-    with pytest.raises(ValueError, match=r"training supports ConceptMatchingLoss only so far; not yet: FidelityPreservationLoss"):
+    with pytest.raises(ValueError, match=r"training supports ConceptMatchingLoss.* so far; not yet: FidelityPreservationLoss \(its discriminator\)"):
         run_cli(["fit", "--config", _config(tmp_path, family, [concept, fidelity])])
-    attribute = {"class_path": "callbacks.AttributeConcentrationLoss", "init_args": {"masks": {"class_path": "comat_lightning.JsonlMasks"}}}
-    with pytest.raises(ValueError, match=r"not yet: AttributeConcentrationLoss"):
-        run_cli(["fit", "--config", _config(tmp_path, family, [concept, attribute])])
+    if family == "flux":  # SD3's attention readers are supported (next test); FLUX's need T5 alignment
+        attribute = {"class_path": "callbacks.AttributeConcentrationLoss", "init_args": {"masks": {"class_path": "comat_lightning.JsonlMasks"}, "blocks": ["joint"]}}
+        with pytest.raises(ValueError, match=r"not yet: AttributeConcentrationLoss .*FLUX's text keys are T5 tokens"):
+            run_cli(["fit", "--config", _config(tmp_path, family, [concept, attribute])])
+
+
+def test_attribute_concentration_trains_sd3_through_its_joint_attention_maps(tmp_path):
+    """SD3's first 77 text keys are its CLIP tokens, so concepts align as in the UNet path: the attribute loss reads
+    the captured joint-attention maps (block joint) and its gradient reaches the transformer's LoRA."""
+    callbacks = [{"class_path": "callbacks.ConceptMatchingLoss", "init_args": {"captioner": "tiny://blip"}},
+                 {"class_path": "callbacks.AttributeConcentrationLoss",
+                  "init_args": {"masks": {"class_path": "comat_lightning.JsonlMasks"}, "blocks": ["joint"], "token_weight": 1.0, "pixel_weight": 1.0}}]  # fmt: skip
+    cli = run_cli(["fit", "--config", _config(tmp_path, "sd3", callbacks), "--trainer.max_steps=1"])
+    module = cli.model
+    store = module.attention_store
+    assert store.layers and all(layer.block == "joint" for layer in store.layers.values())
+    assert len(store.layers) == len(module.backbone.unet.transformer_blocks)
+    logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    for key in ("train/attribute_concentration", "train/attribute_concentration/token", "train/attribute_concentration/pixel"):
+        assert 0 < logged[key] < float("inf"), logged
+    assert any(p.abs().max() > 0 for n, p in module.backbone.unet.named_parameters() if "lora_B" in n)
+
+
+def test_a_unet_block_selection_on_sd3_names_the_joint_layers(tmp_path, monkeypatch):
+    from comat_lightning.models.mmdit import MMDiTBackbone
+
+    monkeypatch.setattr(MMDiTBackbone, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
+    callbacks = [{"class_path": "callbacks.AttributeConcentrationLoss", "init_args": {"masks": {"class_path": "comat_lightning.JsonlMasks"}}}]
+    with pytest.raises(ValueError, match=r"blocks=\['mid', 'up'\] .* match no layer of this SD3 / SD3.5 model; its maps are block joint, side 4"):
+        run_cli(["fit", "--config", _config(tmp_path, "sd3", callbacks)])
