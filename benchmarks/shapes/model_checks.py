@@ -34,16 +34,23 @@ def binding_check(scorer, vae, seed: int, through_vae, to_tensor, count: int = 2
     return {"captioner_binding_accuracy": float((true_nll < swap_nll).float().mean()), "captioner_true_nll": float(true_nll.mean())}
 
 
-@torch.no_grad()
-def generation_check(sd_dir: Path, seed: int, per_kind: int = 8, pairs: int = 96) -> dict:
-    """The base model with the benchmark's sampler (DDPM, CFG): how often a single-object prompt gives exactly that
-    object (every kind, ``per_kind`` seeds), and its binding accuracy on unseen pairs (val: test stays untouched)."""
+def _pipeline(sd_dir: Path):
+    """The base model with the benchmark's sampler (DDPM), quiet."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from judge import judge_image, summarise
 
     pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generation_check(sd_dir: Path, seed: int, per_kind: int = 8, pairs: int = 96) -> dict:
+    """The base model with the benchmark's sampler (DDPM, CFG): how often a single-object prompt gives exactly that
+    object (every kind, ``per_kind`` seeds), and its binding accuracy on unseen pairs (val: test stays untouched)."""
+    from judge import judge_image, summarise
+
+    pipe = _pipeline(sd_dir)
 
     def generate(objects_list, offset):
         prompts = [" and ".join(f"a {c} {s}" for c, s in objects) for objects in objects_list]
@@ -72,14 +79,11 @@ def attention_check(sd_dir: Path, seed: int, pairs: int = 48) -> dict:
     token over its own object's pixels divided by that over the other object's pixels, objects located by the
     judge's segmentation of the generated image (images where either shape is not found are skipped). 1.0 means
     no per-object signal: attention-guided methods and attribute concentration then have nothing to act on."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
     from judge import segment_objects
 
     from comat_lightning.attention.capture import AttentionStore, cross_attention_layers, install_capture
 
-    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
-    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _pipeline(sd_dir)
     side = world.IMAGE_SIZE // 2
     store = AttentionStore()
     install_capture(pipe.unet, [layer for layer in cross_attention_layers(pipe.unet, side) if layer.resolution == side], store)

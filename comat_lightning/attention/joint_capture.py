@@ -20,8 +20,6 @@ sequence without being told where the text ends; they are not read yet.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,16 +116,4 @@ def joint_processor(transformer: nn.Module, store, layer: str, keep: bool = True
     raise InputError(f"attention capture: {name} is not an SD3 or FLUX transformer")
 
 
-def install_joint_capture(transformer: nn.Module, family: str, layers: Sequence, store) -> None:
-    """Give exactly ``layers`` a capture processor (``family`` "sd3" / "flux" is checked against the model); the
-    others keep theirs. ``attention.capture.install_capture`` does the same for any denoiser."""
-    modules = dict(transformer.named_modules())
-    for layer in layers:
-        processor = joint_processor(transformer, store, layer.name)
-        if type(processor) is not {"sd3": SD3JointCaptureProcessor, "flux": FluxJointCaptureProcessor}[family]:
-            raise InputError(f"attention capture: {type(transformer).__name__} is not a {family} transformer")
-        modules[layer.name].set_processor(processor)
-        store.layers[layer.name] = layer
-
-
-__all__ = ["FluxJointCaptureProcessor", "SD3JointCaptureProcessor", "install_joint_capture", "joint_processor", "text_block"]
+__all__ = ["FluxJointCaptureProcessor", "SD3JointCaptureProcessor", "joint_processor", "text_block"]

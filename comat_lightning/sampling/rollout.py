@@ -136,7 +136,9 @@ class Rollout:
     @property
     def flow_matching(self) -> bool:
         """An MMDiT flow-matching backbone (SD3 / FLUX.1) rather than a UNet family."""
-        return hasattr(self.backbone, "make_scheduler")
+        from comat_lightning.models.mmdit import MMDiTBackbone
+
+        return isinstance(self.backbone, MMDiTBackbone)
 
     def sample(
         self, prompts: list[str], generator, gradient_steps=(), unet: Optional[nn.Module] = None, step_hook=None, latent_update=None

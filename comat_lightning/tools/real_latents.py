@@ -97,7 +97,7 @@ class LatentShardWriter(Callback):
                  context: dict[str, str], jobs: LatentJobs, log: Callable[[str], None] = print,
                  progress: Optional[Callable[[int], None]] = None):  # fmt: skip
         self.records, self.output, self.jobs = records, output, jobs
-        self.shard_size, self.batch_size, self.seed, self.context = shard_size, batch_size, seed, context
+        self.batch_size, self.seed, self.context = batch_size, seed, context
         self.say, self.progress = log, progress  # (a callback's `log` would be taken for LightningModule.log)
         self.prompts = [r[PROMPT] for r in records]
         self.shards = plan_shards(len(records), shard_size)
@@ -164,13 +164,16 @@ class LatentShardWriter(Callback):
 
     # -- writing ----------------------------------------------------------------------------------------------------
 
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch[PROMPT]:  # a shard's time runs from the start of its first batch
+            self._started.setdefault(int(batch[LATENT_JOB]["shard"]), time.monotonic())
+
     def on_predict_batch_end(self, trainer, pl_module, prediction, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if prediction is None:
             return
         shard = self.shards[int(prediction[LATENT_JOB]["shard"])]
         latents = prediction["latents"]
         parts = self._pending.setdefault(shard.number, {})
-        self._started.setdefault(shard.number, time.monotonic())
         parts[int(prediction[LATENT_JOB]["offset"])] = latents
         if self.progress is not None:
             self.progress(len(latents))

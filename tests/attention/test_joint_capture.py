@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comat_lightning.attention.capture import AttentionStore, joint_attention_layers
-from comat_lightning.attention.joint_capture import install_joint_capture
+from comat_lightning.attention.capture import AttentionStore, install_capture, joint_attention_layers
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])
@@ -34,7 +33,7 @@ def test_capture_leaves_the_output_unchanged_and_records_one_map_per_layer(setup
     previous = {name: m.processor for name, m in backbone.transformer.named_modules() if hasattr(m, "processor")}
     store = AttentionStore()
     layers = joint_attention_layers(backbone.transformer, 8)
-    install_joint_capture(backbone.transformer, backbone.family, layers, store)
+    install_capture(backbone.transformer, layers, store)
     try:
         with torch.no_grad(), store.recording(0, part="all"):
             captured = _velocity(backbone, latents, t, cond)
@@ -61,7 +60,7 @@ def test_maps_equal_the_renormalised_block_of_the_full_joint_softmax(setup):
              for name in ("to_q", "to_k", "add_q_proj", "add_k_proj")]  # fmt: skip
     store = AttentionStore()
     previous = attn.processor
-    install_joint_capture(backbone.transformer, backbone.family, joint_attention_layers(backbone.transformer, 8)[:1], store)
+    install_capture(backbone.transformer, joint_attention_layers(backbone.transformer, 8)[:1], store)
     try:
         with torch.no_grad(), store.recording(0, part="all"):
             _velocity(backbone, latents, t, cond)
@@ -104,7 +103,7 @@ def test_gradients_reach_the_transformer_through_the_maps_and_checkpoint_reruns_
     previous = {name: m.processor for name, m in transformer.named_modules() if hasattr(m, "processor")}
     store = AttentionStore()
     layers = joint_attention_layers(transformer, 8)
-    install_joint_capture(transformer, backbone.family, layers, store)
+    install_capture(transformer, layers, store)
     transformer.enable_gradient_checkpointing()
     transformer.train()
     params = [p for n, p in transformer.named_parameters() if "transformer_blocks.0." in n]
