@@ -93,7 +93,7 @@ def guidance_samplers(model: str, resolution: int, steps: int, layers_res: int, 
             ).to(device)
             pipe.set_progress_bar_config(disable=True)
             record = {"prompt": prompt, "concepts": list(words)}
-            indices = concept_positions(record, guided.backbone.tokenizers[0], guided.concept_parser)[1]
+            indices = concept_positions(record, guided.backbone.text_keys, guided.concept_parser)[1]
         with autocast:  # as our Trainer's precision
             return pipe(prompt, token_indices=indices, num_inference_steps=steps, guidance_scale=7.5, height=resolution,
                         width=resolution, generator=torch.Generator().manual_seed(0), attn_res=(layers_res, layers_res))  # fmt: skip

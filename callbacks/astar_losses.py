@@ -47,13 +47,13 @@ class _ConceptMapLoss(LossCallback):
     def maps_per_step(self, context: LossContext, generated: GeneratedBatch) -> dict[int, list[torch.Tensor]]:
         """{captured step: per sample (C_b, r, r) concept maps}; samples with < min_concepts concepts get None."""
         store = generated.attention
-        tokenizer = context.backbone.tokenizers[0]
-        indices = [concept_positions(r, tokenizer, self.parser)[1] if _has_concepts(r, self.parser) else [] for r in generated.records()]
+        keys = context.backbone.text_keys
+        indices = [concept_positions(r, keys, self.parser)[1] if _has_concepts(r, self.parser) else [] for r in generated.records()]
         out = {}
         for step in store.steps if store is not None else []:
             averaged = average_maps(list(store.select(step, self.selection).values()))
             keep = [b for b, idx in enumerate(indices) if idx]
-            maps = concept_maps(averaged[keep], [indices[b] for b in keep]) if keep else []
+            maps = concept_maps(averaged[keep], [indices[b] for b in keep], first=keys.first, end=keys.end) if keep else []
             out[step] = dict(zip(keep, maps))
         return out
 

@@ -307,7 +307,7 @@ class AttributeConcentrationLoss(LossCallback):
         zero = torch.zeros((), device=device)
         store = generated.attention
         records = generated.records()
-        tokenizer = context.backbone.tokenizers[0]  # SDXL: both tokenizers share CLIP's BPE; the first sets positions
+        tokenizer = context.backbone.text_keys.tokenizer  # whose positions index the maps' text keys
         entities = [self.trainable_entities(record, tokenizer) for record in records]
         if store is None or not store.steps:  # the same on every rank (capture steps are chosen alike)
             return zero, {"token": zero, "pixel": zero, "entities": zero, "missed": zero}

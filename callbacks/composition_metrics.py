@@ -127,17 +127,17 @@ class CompositionMetrics(Callback):
         if summary is None:
             raise RuntimeError("CompositionMetrics: the rollout carries no attention summary (was it produced by validation_step?)")
         steps = summary.stacked()  # (S, B, r, r, T)
-        tokenizer = pl_module.backbone.tokenizers[0]
+        keys = pl_module.backbone.text_keys
         out = []
         for b, record in enumerate(generated.records()):
             try:
-                _, positions = concept_positions(record, tokenizer, pl_module.concept_parser)
+                _, positions = concept_positions(record, keys, pl_module.concept_parser)
             except ValueError:  # no noun found: the image has no pair to measure (counted as skipped)
                 positions = []
             if not positions:
                 out.append(steps.new_zeros(steps.shape[0], 0, *steps.shape[2:4]))
                 continue
-            out.append(torch.stack([concept_maps(step[b : b + 1], [positions])[0] for step in steps]))
+            out.append(torch.stack([concept_maps(step[b : b + 1], [positions], first=keys.first, end=keys.end)[0] for step in steps]))
         return out
 
     def _to_device(self, pl_module) -> None:

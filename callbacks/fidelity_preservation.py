@@ -124,8 +124,7 @@ class FidelityPreservationLoss(AdversarialLoss):
     # ---------------------------------------------------------------------------------------- the network
 
     def build(self, context: LossContext) -> LatentDiscriminator:
-        scheduler = context.rollout.make_scheduler()
-        scheduler.set_timesteps(context.sampler.num_inference_steps)
+        scheduler = context.rollout.timed_scheduler(device="cpu")
         last_timestep = scheduler.timesteps[-1]  # the discriminator judges (nearly) clean latents
         if self.discriminator_model is None:
             unet, empty, shared = context.backbone.unet, context.rollout.empty_prompt(), True
@@ -133,7 +132,8 @@ class FidelityPreservationLoss(AdversarialLoss):
             unet, empty = self._separate_backbone(context)
             shared = False
         add_discriminator_lora(unet, self.lora)
-        return LatentDiscriminator(unet, empty, last_timestep, scheduler, shared=shared)
+        flow = context.backbone if context.rollout.flow_matching else None  # SD3 / FLUX.1: the transformer's velocity
+        return LatentDiscriminator(unet, empty, last_timestep, scheduler, shared=shared, flow=flow, guidance=context.sampler.guidance_scale)
 
     def _separate_backbone(self, context: LossContext):
         from comat_lightning.models.adapters import checkpoint_keeping_adapters

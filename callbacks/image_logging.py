@@ -156,7 +156,7 @@ class AttentionMapLogger(MonitorPrompts):
         with trainer.precision_plugin.forward_context(), summarizing_attention(pl_module, self.layers, keep_steps=False) as summary:
             images = pl_module.rollout.sample_images([r[PROMPT] for r in records], self.seeds(records), step_hook=summary.step_hook)
         maps = summary.mean().cpu()  # (B, side, side, 77)
-        tokenizer = pl_module.backbone.tokenizers[0]
+        tokenizer = pl_module.backbone.text_keys.tokenizer
         for i, (record, image) in enumerate(zip(records, images)):
             words, positions = monitor_words(record, tokenizer, pl_module.concept_parser)
             word_maps = torch.stack([maps[i, :, :, list(p)].mean(dim=-1) for p in positions]) if words else maps.new_zeros(0, 1, 1)

@@ -1,10 +1,10 @@
 """Test-time attention guidance: concept maps from cross-attention, and the A-STAR and Attend-and-Excite losses.
 
 Concept maps (as Attend-and-Excite): the cross-attention probabilities of the read layers (one resolution),
-averaged over layers and heads -> (r, r, 77); the start token and the last position are dropped, the remaining
-75 logits scaled by 100 and soft-maxed over tokens; each concept token's map is smoothed with a 3x3 Gaussian
-(reflect padding). Token indices are positions in the text encoder input (0 = start token) and shift by -1 once
-the start token is dropped.
+averaged over layers and heads -> (r, r, T); the start token and the last position are dropped (CLIP keys: the
+remaining 75; FLUX's T5 keys have no start token, see ``TextKeys``), the remaining logits scaled by 100 and
+soft-maxed over tokens; each concept token's map is smoothed with a 3x3 Gaussian (reflect padding). Token indices
+are key positions (0 = the start token on CLIP) and shift by the dropped keys.
 
 The smoothing kernel is Attend-and-Excite's: ``exp(-((d - 1) / (2 * sigma))^2)`` per axis (note 2*sigma, not
 sqrt(2)*sigma), normalised; with sigma 0.5 the 3x3 weights are proportional to ``exp(-(dx^2 + dy^2))``:
@@ -58,17 +58,20 @@ def average_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     return mean.reshape(mean.shape[0], side, side, mean.shape[-1])
 
 
-def concept_maps(averaged: torch.Tensor, token_indices: Sequence[Sequence[int]], kernel: torch.Tensor | None = None) -> list[torch.Tensor]:
+def concept_maps(averaged: torch.Tensor, token_indices: Sequence[Sequence[int]], kernel: torch.Tensor | None = None,
+                 first: int = 1, end: int = -1) -> list[torch.Tensor]:  # fmt: skip
     """(B, r, r, T) averaged maps -> per sample a (C_b, r, r) stack of smoothed concept maps.
 
-    token_indices[b]: positions of sample b's concept tokens in the text encoder input (start token = 0)."""
-    text = torch.softmax(averaged[..., 1:-1] * 100, dim=-1)  # drop the start token and the last position
+    token_indices[b]: key positions of sample b's concept tokens. The softmax covers keys ``first .. end - 1``
+    (default 1..T-2: a CLIP start token and the last slot dropped; ``TextKeys`` gives them per model family)."""
+    end = end if end >= 0 else averaged.shape[-1] + end
+    text = torch.softmax(averaged[..., first:end] * 100, dim=-1)
     kernel = gaussian_kernel() if kernel is None else kernel
     out = []
     for b, indices in enumerate(token_indices):
-        if any(i < 1 or i > text.shape[-1] for i in indices):
-            raise ValueError(f"token indices {list(indices)} out of range 1..{text.shape[-1]} (0 is the start token)")
-        stack = torch.stack([text[b, :, :, i - 1] for i in indices])  # shifted: the start token was dropped
+        if any(i < first or i >= end for i in indices):
+            raise ValueError(f"token indices {list(indices)} out of range {first}..{end - 1}" + (" (0 is the start token)" if first else ""))
+        stack = torch.stack([text[b, :, :, i - first] for i in indices])  # shifted: keys before ``first`` were dropped
         out.append(smooth(stack, kernel))
     return out
 

@@ -90,7 +90,7 @@ def summarizing_attention(module, selection: LayerSelection, side: Optional[int]
     unet = module.backbone.unet
     latent_size = module.sampler.resolution // module.backbone.vae_scale_factor
     layers = select_layers(unet, selection, latent_size)
-    summary = StepAveragedMaps(layers, side=side, keep_steps=keep_steps)
+    summary = StepAveragedMaps(layers, side=side, keep_steps=keep_steps, cfg_batch=module.rollout.cfg_batch)
     store = module.attention_store
     with temporary_capture(unet, layers, store), store.listening(summary):
         yield summary

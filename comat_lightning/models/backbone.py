@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
@@ -52,6 +52,23 @@ class Conditioning:
     def cat(first: "Conditioning", second: "Conditioning") -> "Conditioning":
         cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
         return Conditioning(cat(first.embeds, second.embeds), cat(first.pooled, second.pooled), cat(first.time_ids, second.time_ids))
+
+
+@dataclass(frozen=True)
+class TextKeys:
+    """Which keys of the captured attention maps are the prompt's tokens, and whose token positions index them.
+
+    UNet families and SD3 / SD3.5: the (first) CLIP tokenizer; key 0 is its start token and the last of its 77 slots
+    end-of-text or padding, so concept maps cover keys 1..75 (Attend-and-Excite's ``[1:-1]``); SD3's T5 keys after
+    the 77 CLIP keys are not read. FLUX.1: the T5 tokenizer, whose tokens are all the text keys; T5 has no start
+    token, so concept maps cover keys 0..L-2 (the last slot is end-of-text or padding)."""
+
+    tokenizer: Any
+    first: int  # first key a concept map's softmax covers
+    end: int  # one past the last
+
+    def describe(self) -> str:
+        return f"{self.first}..{self.end - 1}" + (" (0 is the start token)" if self.first else "")
 
 
 def _read_model_index(path: str, revision: Optional[str]) -> dict:
@@ -182,6 +199,11 @@ class DiffusionBackbone(nn.Module):
     @property
     def max_prompt_tokens(self) -> int:
         return self.tokenizers[0].model_max_length
+
+    @property
+    def text_keys(self) -> TextKeys:
+        """The cross-attention keys are the first tokenizer's 77 positions (SDXL's second shares its BPE)."""
+        return TextKeys(self.tokenizers[0], first=1, end=self.tokenizers[0].model_max_length - 1)
 
     def _token_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids

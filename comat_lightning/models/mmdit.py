@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from comat_lightning.errors import InputError
+from comat_lightning.models.backbone import TextKeys
 from comat_lightning.tiny.zoo import resolve_model_path
 
 MMDiTFamily = Literal["sd3", "flux"]
@@ -34,6 +35,9 @@ class FlowConditioning:
     @property
     def device(self) -> torch.device:
         return self.embeds.device
+
+    def to(self, device) -> "FlowConditioning":
+        return FlowConditioning(self.embeds.to(device), self.pooled.to(device))
 
     def expand(self, batch_size: int) -> "FlowConditioning":
         return FlowConditioning(self.embeds.expand(batch_size, *self.embeds.shape[1:]), self.pooled.expand(batch_size, *self.pooled.shape[1:]))
@@ -106,6 +110,8 @@ class MMDiTBackbone(nn.Module):
             tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{s}", revision=revision) for s in ("", "_2")]
             default_length = 512
         length = max_sequence_length or min(default_length, tokenizers[-1].model_max_length)
+        # The T5 prompt is cut at ``length`` tokens (the pipelines' max_sequence_length): words beyond it have no key.
+        tokenizers[-1].model_max_length = min(tokenizers[-1].model_max_length, length)
         scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler", revision=revision)
         return cls(family, transformer, vae, encoders, tokenizers, scheduler_config, length)
 
@@ -130,6 +136,14 @@ class MMDiTBackbone(nn.Module):
         return (latent_size // patch) ** 2
 
     # ------------------------------------------------------------------------------------------ text
+
+    @property
+    def text_keys(self) -> TextKeys:
+        """Which text keys of the joint attention the concept readers use (see ``TextKeys``): SD3's first 77 keys are
+        CLIP-L tokens (CLIP-G's share its positions), read as a UNet's; FLUX's keys are its T5 tokens."""
+        if self.family == "sd3":
+            return TextKeys(self.tokenizers[0], first=1, end=self.tokenizers[0].model_max_length - 1)
+        return TextKeys(self.tokenizers[-1], first=0, end=self.max_sequence_length - 1)
 
     def _ids(self, tokenizer, prompts: list[str], length: int) -> torch.Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True, return_tensors="pt").input_ids

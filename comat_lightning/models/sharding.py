@@ -4,8 +4,9 @@ lightning.pytorch.strategies.ModelParallelStrategy, ...}``; it has no short regi
 What is sharded and why:
 
 - the online UNet (frozen base weights, the generator's LoRA and, when it shares the UNet, the discriminator's LoRA):
-  one FSDP2 unit per down/mid/up block plus the root (``conv_in``, time embedding, ``conv_out``). Its frozen
-  weights are the bulk of the memory (SDXL: 2.6 B parameters); sharding them divides that by the number of ranks.
+  one FSDP2 unit per down/mid/up block plus the root (``conv_in``, time embedding, ``conv_out``); an SD3 / FLUX.1
+  transformer likewise, one unit per transformer block. Its frozen weights are the bulk of the memory (SDXL: 2.6 B
+  parameters, FLUX.1-dev: 11.9 B); sharding them divides that by the number of ranks.
   Only the LoRA weights get gradients and optimizer state (FSDP2 keeps per-parameter ``requires_grad``).
 - the trainable parts of helper models (the discriminator's head, or its own UNet): :func:`shard_trainable`;
 - not the VAE, text encoders, captioner or segmentation models: they are frozen and run outside the UNet's
@@ -28,14 +29,23 @@ def is_model_parallel(trainer) -> bool:
     return trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
 
 
-def shard_unet(unet: nn.Module, mesh) -> None:
-    """``fully_shard`` each down/mid/up block, then the UNet itself (its remaining root parameters)."""
+def denoiser_blocks(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units of a denoiser: a UNet's down/mid/up blocks; an SD3 transformer's blocks; FLUX's double- then
+    single-stream blocks."""
+    if hasattr(model, "transformer_blocks"):
+        return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", [])]
+    return [*model.down_blocks, *([model.mid_block] if model.mid_block is not None else []), *model.up_blocks]
+
+
+def shard_denoiser(model: nn.Module, mesh) -> None:
+    """``fully_shard`` each block (:func:`denoiser_blocks`), then the model itself (its remaining root parameters:
+    a UNet's ``conv_in``, time embedding and ``conv_out``; a transformer's patch / text / time embeddings and output
+    projection)."""
     from torch.distributed.fsdp import fully_shard
 
-    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
-    for block in blocks:
+    for block in denoiser_blocks(model):
         fully_shard(block, mesh=mesh)
-    fully_shard(unet, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def shard_trainable(module: nn.Module, mesh) -> None:
@@ -46,7 +56,7 @@ def shard_trainable(module: nn.Module, mesh) -> None:
         if not any(p.requires_grad for p in child.parameters()) or _is_sharded(child):
             continue
         if hasattr(child, "down_blocks") and hasattr(child, "up_blocks"):  # a UNet
-            shard_unet(child, mesh)
+            shard_denoiser(child, mesh)
         elif any(p.requires_grad for p in child.parameters(recurse=False)) or not list(child.children()):
             from torch.distributed.fsdp import fully_shard
 

@@ -1,6 +1,6 @@
 """Sampling with test-time attention guidance (A-STAR, Attend-and-Excite).
 
-At each guided denoising step the conditional UNet pass runs on the latent with gradient, the capture processors
+At each guided denoising step the conditional denoiser pass (UNet, or SD3 / FLUX.1 transformer) runs on the latent with gradient, the capture processors
 record the read layers' cross-attention, the guidance turns the concept maps into one loss per sample, and the
 latent moves against its gradient, ``z <- z - alpha_i * grad`` with ``alpha_i = 20 sqrt(linspace(1, 0.5)[i])``;
 then the normal classifier-free-guided step runs without gradient. The whole batch is guided in one backward (the
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from comat_lightning.attention.capture import AttentionStore
+from comat_lightning.attention.capture import AttentionStore, LayerSelection, is_transformer_denoiser
 from comat_lightning.attention.concept_maps import (
     ThresholdRule,
     attend_and_excite_loss,
@@ -28,8 +28,18 @@ from comat_lightning.attention.concept_maps import (
     step_sizes,
 )
 from comat_lightning.errors import InputError
-from comat_lightning.models.backbone import Conditioning
 from comat_lightning.sampling.denoising import denoise
+
+DEFAULT_GUIDANCE_BLOCKS = ("down", "mid", "up")  # A&E / A-STAR read every UNet block at one resolution
+
+
+def guidance_layers(selection: LayerSelection, latent_size: int, joint: bool) -> LayerSelection:
+    """The layers guidance reads for ``model.guidance_blocks / guidance_resolution``: without a resolution, the
+    latent size / 4 (16x16 for SD1.5 at 512 px, as A&E and A-STAR); on an MMDiT (``joint``) the default blocks mean
+    its joint attention layers (one map size: latent size / 2)."""
+    if joint and selection.blocks == DEFAULT_GUIDANCE_BLOCKS:
+        return LayerSelection(("joint",), selection.resolutions)
+    return selection if selection.resolutions else LayerSelection(selection.blocks, (max(latent_size // 4, 1),))
 
 
 class AttentionGuidance(ABC):
@@ -145,10 +155,11 @@ class AttendAndExciteGuidance(AttentionGuidance):
 
 
 def guided_sample(
-    unet: torch.nn.Module,
+    backbone,
+    model: torch.nn.Module,
     scheduler,
-    cond: Conditioning,
-    uncond: Conditioning,
+    cond,
+    uncond,
     latents: torch.Tensor,
     guidance_scale: float,
     guidance: AttentionGuidance,
@@ -158,18 +169,27 @@ def guided_sample(
     generator: Optional[torch.Generator] = None,
     layout_masks: Optional[list[Optional[torch.Tensor]]] = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run the sampling loop of ``scheduler`` (already ``set_timesteps``) with ``guidance``; returns the final
-    latents and the last guided step's concept maps (per sample (C_b, r, r)). ``read_layers`` must carry capture
-    processors recording into ``store``."""
+    """Run the sampling loop of ``scheduler`` (already set) with ``guidance``, with ``model`` the denoiser (UNet or
+    MMDiT transformer) of ``backbone``; returns the final latents and the last guided step's concept maps (per
+    sample (C_b, r, r)). ``read_layers`` must carry capture processors recording into ``store``; ``token_indices``
+    are key positions of ``backbone.text_keys``. On SD3 / FLUX.1 the guided pass is the conditional transformer
+    call (FLUX-dev with its guidance embedding) and the loop is :func:`flow_denoise`'s Euler steps."""
+    from comat_lightning.models.mmdit import MMDiTBackbone
+
+    flow = isinstance(backbone, MMDiTBackbone)
+    keys = backbone.text_keys
     alphas = step_sizes(len(scheduler.timesteps), guidance.scale)
     guidance.reset(layout_masks)
     last_maps: list[torch.Tensor] = []
 
     def maps_of(z: torch.Tensor, step: int, t) -> list[torch.Tensor]:
         with store.recording(step, part="all"):
-            unet(scheduler.scale_model_input(z, t), t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added_cond_kwargs())
+            if flow:
+                backbone.velocity(model, z, t, cond, guidance=guidance_scale)
+            else:
+                model(scheduler.scale_model_input(z, t), t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added_cond_kwargs())
         recorded = store.maps.pop(step)
-        return concept_maps(average_maps([recorded[name] for name in read_layers]), token_indices)
+        return concept_maps(average_maps([recorded[name] for name in read_layers]), token_indices, first=keys.first, end=keys.end)
 
     def nudge(i: int, t, latents: torch.Tensor) -> torch.Tensor:
         """Before step i: the conditional pass with gradient on the latent, the guidance loss, one step against it."""
@@ -190,7 +210,12 @@ def guided_sample(
             last_maps = [m.detach() for m in maps]
         return latents.detach()
 
-    latents = denoise(unet, scheduler, cond, uncond, latents, guidance_scale, generator=generator, latent_update=nudge)
+    if flow:
+        from comat_lightning.sampling.flow_matching import flow_denoise
+
+        latents = flow_denoise(backbone, model, scheduler, cond, uncond, latents, guidance_scale, latent_update=nudge)
+    else:
+        latents = denoise(model, scheduler, cond, uncond, latents, guidance_scale, generator=generator, latent_update=nudge)
     return latents, last_maps
 
 
@@ -215,4 +240,4 @@ def _refine(latents, losses, target, guidance, maps_of, step, alpha):
     return latents, guidance.losses(step, maps), maps
 
 
-__all__ = ["AStarGuidance", "AttendAndExciteGuidance", "AttentionGuidance", "guided_sample"]
+__all__ = ["AStarGuidance", "AttendAndExciteGuidance", "AttentionGuidance", "guidance_layers", "guided_sample", "is_transformer_denoiser"]

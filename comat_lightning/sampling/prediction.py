@@ -23,6 +23,7 @@ import torch
 
 from comat_lightning.errors import InputError
 from comat_lightning.files.record_fields import CONCEPTS, INDEX, LATENT_SEED, LAYOUT, PROMPT, SEED, TOKEN_INDICES
+from comat_lightning.models.backbone import TextKeys
 from comat_lightning.sampling.seeds import prompt_seed
 from comat_lightning.text.entities import EntityParser, Word
 
@@ -32,10 +33,10 @@ def image_key(index: int, seed: int) -> str:
 
 
 def check_token_indices(value: Any) -> list[int]:
-    """A record's "token_indices": a non-empty list of integer positions >= 1 in the text encoder input (0 is the
-    start token; the upper bound depends on the prompt and is checked with the tokenizer)."""
-    if not isinstance(value, list) or not value or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in value):
-        raise InputError(f"\"token_indices\" must be a non-empty list of integers >= 1 (0 is the start token), got {value!r}")
+    """A record's "token_indices": a non-empty list of integer key positions >= 0 (on CLIP-based models 0 is the
+    start token and is refused later; the range depends on the prompt and model and is checked with its tokenizer)."""
+    if not isinstance(value, list) or not value or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        raise InputError(f"\"token_indices\" must be a non-empty list of integers >= 0, got {value!r}")
     return list(value)
 
 
@@ -49,21 +50,20 @@ def check_concepts(prompt: str, value: Any) -> list[str]:
     return [str(w) for w in value]
 
 
-def concept_positions(record: dict[str, Any], tokenizer, parser: EntityParser) -> tuple[list[str], list[int]]:
-    """(concept words, their first token positions) of one record; a concept word missing from the prompt is an
-    error naming the prompt."""
+def concept_positions(record: dict[str, Any], keys: TextKeys, parser: EntityParser) -> tuple[list[str], list[int]]:
+    """(concept words, their first token positions) of one record, in the text keys ``keys`` describes; a concept
+    word missing from the prompt is an error naming the prompt."""
     from comat_lightning.text.entities import entities_from_json
     from comat_lightning.text.token_alignment import align_entities
 
-    prompt = record[PROMPT]
+    prompt, tokenizer = record[PROMPT], keys.tokenizer
     if record.get(TOKEN_INDICES) is not None:
         indices = check_token_indices(record[TOKEN_INDICES])
-        limit = tokenizer.model_max_length - 1
-        if any(i >= limit for i in indices):
-            raise InputError(f"prompt {prompt!r}: token_indices {indices} must lie in 1..{limit - 1} (0 is the start token)")
+        if any(i < keys.first or i >= keys.end for i in indices):
+            raise InputError(f"prompt {prompt!r}: token_indices {indices} must lie in {keys.describe()}")
         ids = tokenizer(prompt).input_ids
         if max(indices) >= len(ids) - 1:
-            raise InputError(f"prompt {prompt!r}: token_indices {indices} point past its last token (it has {len(ids) - 2})")
+            raise InputError(f"prompt {prompt!r}: token_indices {indices} point past its last token (it has {len(ids) - 1 - keys.first})")
         return [tokenizer.decode([ids[i]]).strip() for i in indices], indices
     if record.get(CONCEPTS) is not None:
         try:
@@ -160,11 +160,11 @@ def predict_batch(module, batch: dict[str, list]) -> Optional[dict[str, Any]]:
         generators = [torch.Generator().manual_seed(s) for s in todo_seeds]
         scheduler, latents = rollout.start(len(todo), generators)
         cond, uncond = backbone.encode_prompts(prompts, cfg.resolution), rollout.empty_prompt().expand(len(todo))
-        words_and_indices = [concept_positions(r, backbone.tokenizers[0], module.concept_parser) for r in records]
+        words_and_indices = [concept_positions(r, backbone.text_keys, module.concept_parser) for r in records]
         concepts = [w for w, _ in words_and_indices]
         layers = [name for name, layer in module.attention_store.layers.items() if module.guidance_selection().matches(layer)]
         latents, last_maps = guided_sample(
-            backbone.unet, scheduler, cond, uncond, latents, cfg.guidance_scale, module.guidance, [i for _, i in words_and_indices],
+            backbone, backbone.unet, scheduler, cond, uncond, latents, cfg.guidance_scale, module.guidance, [i for _, i in words_and_indices],
             module.attention_store, layers, generator=generators, layout_masks=layout_masks(records, concepts),
         )  # fmt: skip
         if last_maps and len({m.shape for m in last_maps}) == 1:  # same concept count: one (B, C, r, r) tensor

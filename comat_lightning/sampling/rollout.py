@@ -109,7 +109,7 @@ class Rollout:
         capture_steps = set(capture_steps)
 
         def record(step: int, carries_grad: bool):
-            return store.recording(step, part="cond") if step in capture_steps else contextlib.nullcontext()
+            return store.recording(step, part="cond" if self.cfg_batch else "all") if step in capture_steps else contextlib.nullcontext()
 
         hook = chain_step_hooks(record if capture_steps else None, step_hook)
         latents = self.sample(prompts, generators, gradient_steps=gradient_steps, step_hook=hook)
@@ -124,11 +124,7 @@ class Rollout:
         (B, C, h, w) of ``count`` images."""
         backbone, cfg = self.backbone, self.sampler
         size = cfg.resolution // backbone.vae_scale_factor
-        if self.flow_matching:  # the pipeline's own timesteps (SD3's shift, FLUX's resolution-dependent mu)
-            scheduler = backbone.make_scheduler(cfg.num_inference_steps, size, self.device)
-        else:
-            scheduler = self.make_scheduler()
-            scheduler.set_timesteps(cfg.num_inference_steps, device=self.device)
+        scheduler = self.timed_scheduler()
         sigma = getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts from unit noise (its scheduler has no such field)
         latents = initial_noise(count, backbone.latent_channels, size, generator, self.device, sigma)
         return scheduler, latents
@@ -139,6 +135,12 @@ class Rollout:
         from comat_lightning.models.mmdit import MMDiTBackbone
 
         return isinstance(self.backbone, MMDiTBackbone)
+
+    @property
+    def cfg_batch(self) -> bool:
+        """Whether the denoiser runs on an [uncond, cond] batch (classifier-free guidance); FLUX.1-dev's
+        guidance-distilled transformer runs the conditional batch alone, so its maps are the whole batch's."""
+        return not getattr(self.backbone, "guidance_distilled", False)
 
     def sample(
         self, prompts: list[str], generator, gradient_steps=(), unet: Optional[nn.Module] = None, step_hook=None, latent_update=None
@@ -180,6 +182,17 @@ class Rollout:
             dtype = torch.float32 if fp16 else vae.dtype
             image = vae.decode(self.backbone.latents_for_vae(latents).to(dtype)).sample
         return image.float() / 2 + 0.5
+
+    def timed_scheduler(self, device=None):
+        """A new scheduler set to the sampler's steps, its timesteps on ``device`` (default: the sampling device): the
+        sampler's class (UNet families), or on SD3 / FLUX.1 the pipeline's own timesteps (SD3's shift, FLUX's
+        resolution-dependent mu)."""
+        cfg, device = self.sampler, device or self.device
+        if self.flow_matching:
+            return self.backbone.make_scheduler(cfg.num_inference_steps, cfg.resolution // self.backbone.vae_scale_factor, device)
+        scheduler = self.make_scheduler()
+        scheduler.set_timesteps(cfg.num_inference_steps, device=device)
+        return scheduler
 
     def make_scheduler(self):
         """A new instance of the sampler's scheduler class from the model's scheduler config: each consumer

@@ -35,11 +35,11 @@ from comat_lightning.files.record_fields import PROMPT
 from comat_lightning.models.adapters import LoraConfig
 from comat_lightning.models.backbone import DiffusionBackbone, ModelFamily
 from comat_lightning.models.loading import frozen_weight_dtype, load_backbone, store_frozen_weights
-from comat_lightning.models.sharding import is_model_parallel, shard_trainable, shard_unet
+from comat_lightning.models.sharding import is_model_parallel, shard_denoiser, shard_trainable
 from comat_lightning.runtime.checkpoint_state import capture_rng_states, restore_rng_states, use_atomic_checkpoint_io
 from comat_lightning.runtime.nonfinite import NonFiniteGuard
 from comat_lightning.runtime.step_statistics import StepClock, gradient_norm, peak_memory_gib
-from comat_lightning.sampling.guided import AttentionGuidance
+from comat_lightning.sampling.guided import AttentionGuidance, guidance_layers, is_transformer_denoiser
 from comat_lightning.sampling.rollout import GeneratedBatch, Rollout, choose_steps
 from comat_lightning.sampling.seeds import POLICY_OFFSET, step_seed, validation_seed
 from comat_lightning.sampling.step_policies import EvenlySpacedSteps, GradientStepPolicy
@@ -75,7 +75,8 @@ class CoMatModule(LightningModule):
         guidance: test-time attention guidance for ``predict`` (``AStarGuidance`` or ``AttendAndExciteGuidance``);
             None samples plainly.
         guidance_blocks / guidance_resolution: the cross-attention layers guidance reads (default: all blocks at
-            the latent size / 4, i.e. 16x16 for SD1.5 at 512 px, 24x24 for SD2 at 768, 32x32 for SDXL at 1024).
+            the latent size / 4, i.e. 16x16 for SD1.5 at 512 px, 24x24 for SD2 at 768, 32x32 for SDXL at 1024;
+            on SD3 / FLUX.1 the default is every joint attention layer, docs/mmdit.md).
     """
 
     def __init__(
@@ -167,15 +168,15 @@ class CoMatModule(LightningModule):
         store_frozen_weights(frozen, frozen_weight_dtype(self.frozen_dtype, precision))
         if is_model_parallel(self._trainer):  # FSDP2 over the data-parallel ranks: the UNet and what else trains
             mesh = self.device_mesh["data_parallel"]
-            shard_unet(self.backbone.unet, mesh)
+            shard_denoiser(self.backbone.unet, mesh)
             for helper in self.loss_modules.values():
                 shard_trainable(helper, mesh)
 
-    def guidance_selection(self, latent_size: Optional[int] = None) -> LayerSelection:
-        """The layers guidance reads (default resolution: latent size / 4); ``latent_size`` is given by the start-up
-        checks, before the VAE is loaded; else it is the loaded VAE's."""
+    def guidance_selection(self, latent_size: Optional[int] = None, joint: Optional[bool] = None) -> LayerSelection:
+        """The layers guidance reads (:func:`guidance_layers`); the start-up checks give the arguments before loading."""
+        joint = joint if joint is not None else is_transformer_denoiser(self.backbone.unet)
         latent = latent_size if latent_size is not None else self.sampler.resolution // self.backbone.vae_scale_factor
-        return self.guidance_layers if self.guidance_layers.resolutions else LayerSelection(self.guidance_layers.blocks, (max(latent // 4, 1),))
+        return guidance_layers(self.guidance_layers, latent, joint)
 
     def choose_steps(self, generator: torch.Generator) -> tuple[list[int], list[int]]:
         """(gradient steps, the subset whose cross-attention maps are recorded) for one rollout."""

@@ -93,10 +93,10 @@ def vae_geometry(pipeline: str) -> Optional[tuple[int, int]]:
     return 2 ** (len(config["block_out_channels"]) - 1), int(config.get("latent_channels", 4))
 
 
-def _attention_requests(module, stage: str, latent_size: int) -> list[tuple[str, LayerSelection]]:
+def _attention_requests(module, stage: str, latent_size: int, joint: bool = False) -> list[tuple[str, LayerSelection]]:
     """(options, layers) of everything that will read cross-attention maps in this stage: the active losses, guidance
-    and any callback that reads maps (:class:`ReadsAttention`)."""
-    default = module.guidance_selection(latent_size)
+    and any callback that reads maps (:class:`ReadsAttention`). ``joint``: the model is an MMDiT."""
+    default = module.guidance_selection(latent_size, joint=joint)
     requests = [request for loss in module.losses for request in loss.attention_requests(stage, default)]
     if module.guidance is not None:
         requests.append(("model.guidance_blocks / model.guidance_resolution", default))
@@ -182,36 +182,22 @@ def check_run_settings(module, stage: str) -> None:
 
 
 def _check_mmdit_support(module, stage: str, family: str) -> None:
-    """What is built so far for SD3 / FLUX.1 (issue 25): plain sampling with ``train.py predict``, with or without a
-    LoRA, and LoRA fine-tuning with Concept Matching alone (no attention maps, no discriminator) on one device or
-    DDP. Everything else is refused here, before any weight loads."""
-    from comat_lightning.models.sharding import is_model_parallel
-    from comat_lightning.training.losses import AdversarialLoss
-
+    """SD3 / FLUX.1 run every method of the UNet families; what differs is checked here, before any weight loads:
+    the layers read must be the joint attention layers, and components cannot be swapped."""
     name = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1"}[family]
+    geometry = vae_geometry(module.model_source["path"])
+    latent = module.sampler.resolution // (geometry[0] if geometry else 8)
+    joint = CrossAttentionLayer(name="transformer_blocks.*.attn", block="joint", resolution=latent // 2, heads=0)
+    for option, selection in _attention_requests(module, stage, latent, joint=True):
+        if geometry and not selection.matches(joint):
+            asked = list(selection.resolutions) if selection.resolutions else "all"
+            raise InputError(f"{option}: blocks={list(selection.blocks)} resolutions={asked} match no layer of this {name} model; its maps "
+                             f"are block joint, side {latent // 2} at model.sampler.resolution={module.sampler.resolution}")  # fmt: skip
     if stage != "predict":
-        geometry = vae_geometry(module.model_source["path"])
-        latent = module.sampler.resolution // (geometry[0] if geometry else 8)
-        requests = _attention_requests(module, stage, latent)
-        adversaries = [f"{type(loss).__name__} (its discriminator)" for loss in module.losses if isinstance(loss, AdversarialLoss)]
-        if adversaries or (requests and family == "flux"):
-            not_yet = adversaries + [option for option, _ in requests]
-            raise InputError(
-                f"on a {name} pipeline, training supports ConceptMatchingLoss{' and the losses that read attention maps' if family == 'sd3' else ''} "
-                f"so far; not yet: {', '.join(not_yet)}" + (" (FLUX's text keys are T5 tokens: aligning prompt words to them is not built yet)" if requests and family == "flux" else "")
-            )  # fmt: skip
-        joint = CrossAttentionLayer(name="transformer_blocks.*.attn", block="joint", resolution=latent // 2, heads=0)
-        for option, selection in requests:
-            if geometry and not selection.matches(joint):
-                asked = list(selection.resolutions) if selection.resolutions else "all"
-                raise InputError(f"{option}: blocks={list(selection.blocks)} resolutions={asked} match no layer of this {name} model; its maps "
-                                 f"are block joint, side {latent // 2} at model.sampler.resolution={module.sampler.resolution}")  # fmt: skip
-        if module.finetune != "lora":
-            raise InputError(f"model.finetune={module.finetune}: on a {name} pipeline only LoRA fine-tuning is supported so far")
-        if is_model_parallel(module._trainer):
-            raise InputError(f"trainer.strategy: FSDP2 sharding of the {name} transformer is not supported yet; use DDP")
-    if module.guidance is not None:
-        raise InputError(f"model.guidance: {type(module.guidance).__name__} on {name} is not supported yet; unguided `predict` is")
+        separate = [loss for loss in module.losses if getattr(loss, "discriminator_model", None)]
+        if separate:
+            raise InputError(f"{type(separate[0]).__name__}.discriminator_model: a separate discriminator backbone is for the UNet families; "
+                             f"on a {name} pipeline leave it null (the discriminator is a second LoRA on the transformer)")  # fmt: skip
     for option in ("unet_path", "vae_path"):
         if module.model_source.get(option):
             raise InputError(f"model.{option}: replacing a component is supported for the UNet families only")

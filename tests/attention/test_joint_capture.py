@@ -126,3 +126,26 @@ def test_gradients_reach_the_transformer_through_the_maps_and_checkpoint_reruns_
         for name, module in transformer.named_modules():
             if name in previous:
                 module.set_processor(previous[name])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_rollout_records_each_prompt_s_own_maps_with_and_without_a_cfg_batch(family, tiny_paths):
+    """SD3 runs [uncond, cond] (the maps kept are the second half); FLUX-dev runs the conditional batch alone (all of
+    it is kept). Either way a prompt's recorded maps are those it gets when rolled out alone."""
+    from comat_lightning.models.mmdit import MMDiTBackbone
+    from comat_lightning.sampling.rollout import Rollout
+    from comat_lightning.training.options import SamplerConfig
+
+    backbone = MMDiTBackbone.from_pretrained(tiny_paths[family])
+    store, layers = AttentionStore(), joint_attention_layers(backbone.transformer, 8)
+    install_capture(backbone.transformer, layers, store)
+    rollout = Rollout(backbone, SamplerConfig(resolution=64, num_inference_steps=3, guidance_scale=4.0), store, None, device=lambda: torch.device("cpu"))
+    assert rollout.cfg_batch == (family == "sd3")
+    prompts = ["a red car and a blue bird", "a cat on a chair"]
+    with torch.no_grad():
+        both = rollout.generate({"prompt": prompts}, seed=5, capture_steps=[1], keep_attention=True).attention.select(1)
+        both = {name: maps.clone() for name, maps in both.items()}
+        second = rollout.generate({"prompt": prompts[1:]}, seed=5, capture_steps=[1], keep_attention=True, sample_ids=[1]).attention.select(1)
+    for name in both:
+        assert both[name].shape[0] == 2
+        torch.testing.assert_close(both[name][1:], second[name], rtol=0, atol=1e-5)

@@ -122,7 +122,7 @@ def test_attend_and_excite_matches_diffusers_pipeline(tiny_paths):
     generator = torch.Generator().manual_seed(0)
     latents = initial_noise(1, 4, 8, generator, "cpu", scheduler.init_noise_sigma)
     ours, maps = guided_sample(
-        backbone.unet, scheduler, backbone.encode_prompts([prompt], 64), backbone.encode_prompts([""], 64), latents, 7.5,
+        backbone, backbone.unet, scheduler, backbone.encode_prompts([prompt], 64), backbone.encode_prompts([""], 64), latents, 7.5,
         AttendAndExciteGuidance(**settings), [indices], store, [layer.name for layer in layers], generator=generator,
     )  # fmt: skip
     assert (reference - unguided).abs().max() > 0.1  # the guidance does something
@@ -166,7 +166,7 @@ def test_astar_reduces_concept_overlap_against_unguided_sampling(tiny_paths):
             scheduler.set_timesteps(10)
             generator = torch.Generator().manual_seed(seed)
             latents = initial_noise(2, 4, 8, generator, "cpu", scheduler.init_noise_sigma)
-            guided_sample(backbone.unet, scheduler, cond, uncond, latents, 7.5, guidance, indices, store,
+            guided_sample(backbone, backbone.unet, scheduler, cond, uncond, latents, 7.5, guidance, indices, store,
                           [layer.name for layer in layers], generator=generator)  # fmt: skip
             values.extend(guidance.overlaps[-5:])
         late[name] = sum(values) / len(values)

@@ -184,7 +184,7 @@ def test_missing_prompt_files_name_their_option(tmp_path):
     [
         ("concepts", ["car", "boat"], r"bad \"concepts\": entity 1: noun 'boat' is not in the prompt"),
         ("concepts", [], r"bad \"concepts\": \"concepts\" must be a non-empty list of words of the prompt, got \[\]"),
-        ("token_indices", [0, 2], r"bad \"token_indices\": .*integers >= 1 \(0 is the start token\), got \[0, 2\]"),
+        ("token_indices", [-1, 2], r"bad \"token_indices\": .*integers >= 0, got \[-1, 2\]"),
         ("seed", -3, r"bad \"seed\": must be an integer in \[0, 9223372036854775807\], got -3"),
         ("seed", "7", r"bad \"seed\": must be an integer"),
         ("masks", ["car.png"], r"bad \"masks\": field 'masks' must map phrases to masks, got list"),

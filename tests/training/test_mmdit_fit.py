@@ -1,6 +1,7 @@
-"""`train.py fit` on SD3 / FLUX.1 (tiny://sd3, tiny://flux) with Concept Matching: the LoRA on the transformer
-trains, the gradient reaches only LoRA weights, and the exported LoRA loads with the pipelines' load_lora_weights
-giving the trained transformer's output. What is not built yet for these families is refused before loading."""
+"""`train.py fit` on SD3 / FLUX.1 (tiny://sd3, tiny://flux): the CoMat losses, the A-STAR training terms and full
+fine-tuning train the transformer; the gradient reaches only what should train; the exported LoRA loads with the
+pipelines' load_lora_weights giving the trained transformer's output; what differs from the UNet families is
+refused before loading."""
 
 from __future__ import annotations
 
@@ -57,35 +58,64 @@ def test_concept_matching_trains_the_transformer_lora_and_exports_it(family, tmp
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_losses_that_read_attention_or_a_discriminator_are_refused_before_loading(family, tmp_path, monkeypatch):
+def test_the_tiny_demo_config_trains_all_three_losses_with_its_monitors(family, tmp_path):
+    """configs/tiny_demo_<family>.yaml as shipped (loggers, validation metrics, checkpoints, export), 2 steps: every
+    CoMat term is finite, the generator's LoRA and the discriminator (its LoRA on the same transformer and its head)
+    train, nothing else does, and the maps come from every joint attention layer."""
+    from conftest import tensorboard_scalars
+
+    cli = run_cli(["fit", "--config", str(REPO / "configs" / f"tiny_demo_{family}.yaml"), "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                   f"--data.train_file={REPO / 'data' / 'demo_prompts.jsonl'}", f"--data.val_file={REPO / 'data' / 'demo_val_prompts.jsonl'}",
+                   "--trainer.logger.init_args.save_dir=runs"])  # fmt: skip
+    module = cli.model
+    transformer = module.backbone.unet
+    assert {layer.block for layer in module.attention_store.layers.values()} == {"joint"}
+    assert len(module.attention_store.layers) == len(transformer.transformer_blocks)
+    trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".discriminator." in n for n in trainable) and any(".default." in n for n in trainable)
+    for adapter in ("default", "discriminator"):  # B starts at zero: moved means trained
+        assert any(p.abs().max() > 0 for n, p in transformer.named_parameters() if "lora_B" in n and f".{adapter}." in n), adapter
+    logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    for key in ("train/concept_matching", "train/attribute_concentration/token", "train/attribute_concentration/pixel",
+                "train/fidelity_preservation", "train/fidelity_preservation/discriminator"):  # fmt: skip
+        assert 0 < logged[key] < float("inf"), (key, logged)
+    run = tmp_path / "runs" / f"tiny_demo_{family}" / "version_0"
+    scalars = tensorboard_scalars(run)
+    assert "val/metrics/concept_overlap" in scalars and "val/metrics/caption_nll" in scalars
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_astar_training_terms_read_flux_t5_tokens_and_train_its_lora(tmp_path):
+    """FLUX's text keys are its T5 tokens: the concepts of the A-STAR terms are aligned with the T5 tokenizer (no
+    start token) and the terms' gradient reaches the LoRA."""
+    terms = {"blocks": ["joint"], "resolution": 4, "weight": 1.0}
+    callbacks = [{"class_path": "callbacks.AttentionSegregationLoss", "init_args": terms},
+                 {"class_path": "callbacks.AttentionRetentionLoss", "init_args": terms}]  # fmt: skip
+    cli = run_cli(["fit", "--config", _config(tmp_path, "flux", callbacks), "--trainer.max_steps=1"])
+    logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert 0 < logged["train/attention_segregation"] < 1 and 0 < logged["train/attention_retention"] < float("inf"), logged
+    assert any(p.abs().max() > 0 for n, p in cli.model.backbone.unet.named_parameters() if "lora_B" in n)
+
+
+def test_full_fine_tuning_trains_every_transformer_weight_against_a_frozen_copy(tmp_path):
+    callbacks = [{"class_path": "callbacks.ConceptMatchingLoss", "init_args": {"captioner": "tiny://blip"}}]
+    cli = run_cli(["fit", "--config", _config(tmp_path, "sd3", callbacks), "--model.finetune=full", "--trainer.max_steps=1"])
+    module = cli.model
+    online, base = module.backbone.unet, module.base_unet
+    assert all(p.requires_grad for p in online.parameters()) and not any(p.requires_grad for p in base.parameters())
+    moved = [n for (n, p), q in zip(online.named_parameters(), base.parameters()) if not torch.equal(p, q)]
+    assert len(moved) > len(list(online.parameters())) // 2, moved  # the update reached the transformer's weights
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_separate_discriminator_backbone_is_refused_before_loading(family, tmp_path, monkeypatch):
     from comat_lightning.models.mmdit import MMDiTBackbone
 
     monkeypatch.setattr(MMDiTBackbone, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
-    concept = {"class_path": "callbacks.ConceptMatchingLoss", "init_args": {"captioner": "tiny://blip"}}
-    fidelity = {"class_path": "callbacks.FidelityPreservationLoss", "init_args": {"real_latents": "on_the_fly", "lora_rank": 4}}
-    with pytest.raises(ValueError, match=r"training supports ConceptMatchingLoss.* so far; not yet: FidelityPreservationLoss \(its discriminator\)"):
-        run_cli(["fit", "--config", _config(tmp_path, family, [concept, fidelity])])
-    if family == "flux":  # SD3's attention readers are supported (next test); FLUX's need T5 alignment
-        attribute = {"class_path": "callbacks.AttributeConcentrationLoss", "init_args": {"masks": {"class_path": "comat_lightning.JsonlMasks"}, "blocks": ["joint"]}}
-        with pytest.raises(ValueError, match=r"not yet: AttributeConcentrationLoss .*FLUX's text keys are T5 tokens"):
-            run_cli(["fit", "--config", _config(tmp_path, family, [concept, attribute])])
-
-
-def test_attribute_concentration_trains_sd3_through_its_joint_attention_maps(tmp_path):
-    """SD3's first 77 text keys are its CLIP tokens, so concepts align as in the UNet path: the attribute loss reads
-    the captured joint-attention maps (block joint) and its gradient reaches the transformer's LoRA."""
-    callbacks = [{"class_path": "callbacks.ConceptMatchingLoss", "init_args": {"captioner": "tiny://blip"}},
-                 {"class_path": "callbacks.AttributeConcentrationLoss",
-                  "init_args": {"masks": {"class_path": "comat_lightning.JsonlMasks"}, "blocks": ["joint"], "token_weight": 1.0, "pixel_weight": 1.0}}]  # fmt: skip
-    cli = run_cli(["fit", "--config", _config(tmp_path, "sd3", callbacks), "--trainer.max_steps=1"])
-    module = cli.model
-    store = module.attention_store
-    assert store.layers and all(layer.block == "joint" for layer in store.layers.values())
-    assert len(store.layers) == len(module.backbone.unet.transformer_blocks)
-    logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    for key in ("train/attribute_concentration", "train/attribute_concentration/token", "train/attribute_concentration/pixel"):
-        assert 0 < logged[key] < float("inf"), logged
-    assert any(p.abs().max() > 0 for n, p in module.backbone.unet.named_parameters() if "lora_B" in n)
+    fidelity = {"class_path": "callbacks.FidelityPreservationLoss", "init_args": {"real_latents": "on_the_fly", "discriminator_model": "tiny://sd"}}
+    with pytest.raises(ValueError, match=r"FidelityPreservationLoss.discriminator_model: a separate discriminator backbone is for the UNet families"):
+        run_cli(["fit", "--config", _config(tmp_path, family, [fidelity])])
 
 
 def test_a_unet_block_selection_on_sd3_names_the_joint_layers(tmp_path, monkeypatch):
