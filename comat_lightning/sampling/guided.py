@@ -37,8 +37,8 @@ def guidance_layers(selection: LayerSelection, latent_size: int, joint: bool) ->
     """The layers guidance reads for ``model.guidance_blocks / guidance_resolution``: without a resolution, the
     latent size / 4 (16x16 for SD1.5 at 512 px, as A&E and A-STAR); on an MMDiT (``joint``) the default blocks mean
     its joint attention layers (one map size: latent size / 2)."""
-    if joint and selection.blocks == DEFAULT_GUIDANCE_BLOCKS:
-        return LayerSelection(("joint",), selection.resolutions)
+    if joint:  # one map size: no default resolution needed
+        return LayerSelection(("joint",), selection.resolutions) if selection.blocks == DEFAULT_GUIDANCE_BLOCKS else selection
     return selection if selection.resolutions else LayerSelection(selection.blocks, (max(latent_size // 4, 1),))
 
 

@@ -189,7 +189,7 @@ def _check_mmdit_support(module, stage: str, family: str) -> None:
     latent = module.sampler.resolution // (geometry[0] if geometry else 8)
     joint = CrossAttentionLayer(name="transformer_blocks.*.attn", block="joint", resolution=latent // 2, heads=0)
     for option, selection in _attention_requests(module, stage, latent, joint=True):
-        if geometry and not selection.matches(joint):
+        if "joint" not in selection.blocks or (geometry and not selection.matches(joint)):  # the side needs the VAE's config
             asked = list(selection.resolutions) if selection.resolutions else "all"
             raise InputError(f"{option}: blocks={list(selection.blocks)} resolutions={asked} match no layer of this {name} model; its maps "
                              f"are block joint, side {latent // 2} at model.sampler.resolution={module.sampler.resolution}")  # fmt: skip

@@ -125,3 +125,29 @@ def test_a_unet_block_selection_on_sd3_names_the_joint_layers(tmp_path, monkeypa
     callbacks = [{"class_path": "callbacks.AttributeConcentrationLoss", "init_args": {"masks": {"class_path": "comat_lightning.JsonlMasks"}}}]
     with pytest.raises(ValueError, match=r"blocks=\['mid', 'up'\] .* match no layer of this SD3 / SD3.5 model; its maps are block joint, side 4"):
         run_cli(["fit", "--config", _config(tmp_path, "sd3", callbacks)])
+
+
+@pytest.mark.parametrize("config, index", [
+    ("comat_sd35_medium.yaml", "StableDiffusion3Pipeline"), ("astar_sd35_medium.yaml", "StableDiffusion3Pipeline"),
+    ("comat_flux1_dev.yaml", "FluxPipeline"), ("astar_flux1_dev.yaml", "FluxPipeline"),
+])  # fmt: skip
+def test_the_mmdit_recipes_pass_the_checks_at_full_size(config, index, tmp_path, monkeypatch):
+    """A pipeline folder with only model_index.json and the 16-channel VAE's config (factor 8) of SD3.5 / FLUX.1:
+    every layer the recipe reads exists (joint layers: 32x32 maps at 512 px, 64x64 at 1024 px); nothing loads."""
+    import json
+
+    from conftest import instantiate_cli
+
+    from comat_lightning.models.mmdit import MMDiTBackbone
+    from comat_lightning.training.losses import active_losses
+    from comat_lightning.training.startup_checks import check_model_inputs
+
+    monkeypatch.setattr(MMDiTBackbone, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
+    folder = tmp_path / "pipeline"
+    (folder / "vae").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": index, "transformer": ["diffusers", "Transformer"], "vae": ["diffusers", "AutoencoderKL"]}))
+    (folder / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "latent_channels": 16}))
+    cli = instantiate_cli(["--config", str(REPO / "configs" / config), "--trainer.logger=false", f"--model.pretrained_model={folder}"])
+    module = cli.model
+    module.trainer, module.losses = cli.trainer, active_losses(cli.trainer.callbacks)
+    check_model_inputs(module, "predict" if config.startswith("astar") else "fit")
