@@ -42,12 +42,14 @@ def _generator_term_grads(module, loss, checkpointing_func):
     return {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
 
 
-def test_checkpoint_reruns_use_the_adapter_of_their_forward(tiny_paths):
-    """One backward crosses the discriminator's UNet pass (adapter 'discriminator') and the rollout (adapter
-    'default'). Gradients with checkpointing must equal those without; a re-run under the wrong adapter changes them."""
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
+def test_checkpoint_reruns_use_the_adapter_of_their_forward(tiny_paths, family):
+    """One backward crosses the discriminator's denoiser pass (adapter 'discriminator') and the rollout (adapter
+    'default'), on a UNet and on SD3 / FLUX transformers (checkpointed per block). Gradients with checkpointing must
+    equal those without; a re-run under the wrong adapter changes them."""
     from comat_lightning.models.adapters import checkpoint_keeping_adapters
 
-    loss, module = _module(tiny_paths, gradient_checkpointing=True)
+    loss, module = _module(tiny_paths, family, gradient_checkpointing=True)
     unet = module.backbone.unet
     for param in loss.discriminator_parameters(module.loss_context):  # as Lightning's toggled_optimizer does for the G phase
         param.requires_grad_(False)
