@@ -300,21 +300,22 @@ def test_command_refuses_unsupported_precision_before_loading(tmp_path, monkeypa
         real_latents.main(["--config", str(config), "--output", str(tmp_path / "out"), "--shard-size", "0"])
 
 
-def test_command_works_for_sdxl(tmp_path, tiny_paths):
+@pytest.mark.parametrize("base, family, channels", [("demo_sdxl.yaml", "sdxl", 4), ("tiny_demo_sd3.yaml", "sd3", 16), ("tiny_demo_flux.yaml", "flux", 16)])
+def test_command_works_for_sdxl_sd3_and_flux(base, family, channels, tmp_path, tiny_paths):
     from comat_lightning.tools import real_latents
 
     prompts = _write_jsonl(tmp_path / "p.jsonl", PROMPTS[:3])
-    config = _write_config(tmp_path / "c.yaml", "demo_sdxl.yaml", prompts, steps=2)
+    config = _write_config(tmp_path / "c.yaml", base, prompts, steps=2)
     built = []
     build = real_latents.build_module
     with mock.patch.object(real_latents, "build_module", lambda path: built.append(build(path)) or built[-1]):
         assert real_latents.main(["--config", str(config), "--output", str(tmp_path / "out"), "--batch-size", "3", "--seed", "2"]) == 0
     module = built[0][0]
-    assert module.backbone.family == "sdxl"
+    assert module.backbone.family == family
     records = [json.loads(line) for line in (tmp_path / "out" / "real_latents.jsonl").read_text().splitlines()]
     assert [r["latent_seed"] for r in records] == [2_000_006, 2_000_007, 2_000_008]  # 2 * 1000003 + i
     latents = _by_prompt(tmp_path / "out")
-    assert [tuple(v.shape) for v in latents.values()] == [(4, 8, 8)] * 3
+    assert [tuple(v.shape) for v in latents.values()] == [(channels, 8, 8)] * 3
     assert _close(latents["a blue bus and a green apple"], _alone(module, "a blue bus and a green apple", seed=2_000_008))
 
 
