@@ -3,6 +3,8 @@ LoRA export with two adapters."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -235,3 +237,33 @@ def test_discriminator_loss_reductions_on_hand_computed_logits(tiny_paths, reduc
     assert logs["real_score"].item() == pytest.approx(0.75) and logs["fake_accuracy"].item() == 0.0
     value.backward()
     assert head.bias.grad.item() == pytest.approx(factor * 2 * ((0.75 - 0) + (0.75 - 1)) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_on_a_transformer_the_discriminator_is_its_second_lora_at_the_last_step(tiny_paths, family):
+    """On SD3 / FLUX the logits are Linear(16, 1) of the transformer's velocity per latent pixel, computed with only
+    the 'discriminator' adapter active, at the sampler's last timestep, on the empty prompt (FLUX-dev: with the
+    sampler's guidance value); the generator term is BCE(logits, 1). Recomputed here from those pieces."""
+    import torch.nn.functional as F
+
+    from comat_lightning.models.adapters import using_adapter
+
+    loss, module = _module(tiny_paths, family)
+    transformer, backbone = module.backbone.unet, module.backbone
+    assert set(transformer.peft_config) == {"default", DISCRIMINATOR_ADAPTER}
+    _randomise_loras(transformer)
+    discriminator = module.loss_modules[loss.name]
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    last = backbone.make_scheduler(module.sampler.num_inference_steps, 8, "cpu").timesteps[-1]
+    with torch.no_grad():
+        with using_adapter(transformer, DISCRIMINATOR_ADAPTER):
+            velocity = backbone.velocity(transformer, latents, last, module.rollout.empty_prompt().expand(2), guidance=module.sampler.guidance_scale)
+        expected = discriminator.head(velocity.permute(0, 2, 3, 1)).squeeze(-1)  # (B, h, w)
+        with using_adapter(transformer, "default"):
+            generator_view = backbone.velocity(transformer, latents, last, module.rollout.empty_prompt().expand(2), guidance=module.sampler.guidance_scale)
+        logits = discriminator(latents)
+    assert logits.shape == (2, 8, 8) and (generator_view - velocity).abs().max() > 1e-3  # the adapters differ
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+    value, _ = loss.compute(module.loss_context, SimpleNamespace(latents=latents))  # compute reads the latents only
+    assert value.item() == pytest.approx(F.binary_cross_entropy_with_logits(expected, torch.ones_like(expected)).item(), rel=1e-5)
