@@ -261,7 +261,8 @@ def sync(cuda: bool) -> None:
 
 def estimate_key(setting: dict) -> tuple:
     return tuple(setting.get(k) for k in ("model", "resolution", "batch_per_device", "inference_steps", "K", "precision",
-                                          "gradient_checkpointing", "optimizer")) + (setting.get("lora_rank") or 4,)  # fmt: skip
+                                          "gradient_checkpointing", "optimizer")) + (
+        setting.get("lora_rank") or 4, setting.get("frozen_dtype") or "auto", setting.get("fsdp2_ranks") or 1)  # fmt: skip
 
 
 def shape_only_rows(path: Path) -> dict[tuple, float]:

@@ -13,6 +13,10 @@ at SDXL size in minutes on a laptop CPU. :class:`ShapeOnlyExecution` sits above 
   allocator does, labelled by the model that made it (forward or backward pass), and keeps the breakdown at the
   peak.
 
+Models too large for the machine that runs this (SD3.5-Medium with T5-XXL, FLUX.1-dev) never load for real: their
+pipeline folders hold configs only, and ``full_size_models.fake_loading`` builds them as fake tensors of the fit's
+own fake mode (``ShapeOnlyFit(fake_mode=...)``); a tiny pipeline loaded both ways gives the same figures.
+
 What it does not see: the CUDA context and kernels' workspaces (about 0.5 GiB), the caching allocator's reserved
 but free blocks (fragmentation), and CUDA-only autocast rules (the step runs under CPU autocast, whose bf16 op
 lists differ from CUDA's in a few ops). It estimates ``torch.cuda.max_memory_allocated``; it does not measure it.
@@ -21,6 +25,7 @@ lists differ from CUDA's in a few ops). It estimates ``torch.cuda.max_memory_all
 from __future__ import annotations
 
 import collections
+import functools
 import warnings
 import weakref
 from typing import Callable, Optional
@@ -44,7 +49,12 @@ def _has_storage(value) -> bool:
 
 
 def allocated_bytes(storage: torch.UntypedStorage) -> int:
-    return -(-storage.nbytes() // _CUDA_BLOCK) * _CUDA_BLOCK
+    return allocated_bytes_of(storage.nbytes())
+
+
+def allocated_bytes_of(nbytes: int) -> int:
+    """``nbytes`` rounded up to the caching allocator's 512-byte blocks."""
+    return -(-nbytes // _CUDA_BLOCK) * _CUDA_BLOCK
 
 
 class ShapeOnlyExecution(TorchDispatchMode):
@@ -151,8 +161,10 @@ def fake_weights(module: nn.Module, fake_mode: FakeTensorMode) -> Callable[[], N
 
 
 def weight_bytes(module: Optional[nn.Module], trainable: Optional[bool] = None, seen: Optional[set] = None) -> int:
-    """Bytes of ``module``'s real parameters and buffers (``trainable``: only parameters that do / do not require
-    grad); a storage already in ``seen`` (shared with a model counted before) is not counted again."""
+    """Bytes of ``module``'s parameters and buffers (``trainable``: only parameters that do / do not require grad);
+    a storage already in ``seen`` (shared with a model counted before) is not counted again. Fake tensors (models
+    loaded by ``full_size_models.fake_loading``) count the bytes their real storage would take; storages are told
+    apart by their storage object, not their data pointer (0 for every fake one)."""
     if module is None:
         return 0
     seen = set() if seen is None else seen
@@ -160,8 +172,8 @@ def weight_bytes(module: Optional[nn.Module], trainable: Optional[bool] = None, 
     total = 0
     for tensor in tensors:
         storage = tensor.untyped_storage()
-        if (trainable is None or tensor.requires_grad == trainable) and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
+        if (trainable is None or tensor.requires_grad == trainable) and storage._cdata not in seen:
+            seen.add(storage._cdata)
             total += allocated_bytes(storage)
     return total
 
@@ -175,14 +187,28 @@ class ShapeOnlyFit(Callback):
 
     ``result`` then holds: ``weights`` (bytes by model, before the step), ``peak_dynamic_bytes`` (tensors the step
     creates, optimizer state included), ``at_peak`` (that figure by (model, pass)), ``flops`` (step 0),
-    ``flops_by`` (step 0's by (model, pass)), ``nominal_reads``."""
+    ``flops_by`` (step 0's by (model, pass)), ``nominal_reads``.
 
-    def __init__(self, fake: bool = True):
+    ``fake_mode``: the FakeTensorMode to run in; it must be the one whose fake tensors some models were loaded with
+    (``full_size_models.fake_loading``: models too large to load for real), as fake tensors of two modes do not
+    mix. Such weights stay fake after the fit (there is nothing real to put back)."""
+
+    def __init__(self, fake: bool = True, fake_mode: Optional[FakeTensorMode] = None):
         self.fake = fake  # False: the same accounting over real execution (to check the fake run against)
+        self.fake_mode = fake_mode
         self.result: dict = {}
         self._contexts: list = []
         self._restore: Optional[Callable[[], None]] = None
         self._tracker: Optional[ShapeOnlyExecution] = None
+
+    def setup(self, trainer, pl_module, stage):
+        # Weights loaded fake (fake_loading) cannot go through ``Module.to``: PyTorch swaps fake parameters, and
+        # refuses to swap a tensor that the fake mode's memo refers to weakly. Lightning moves the module to its
+        # device after configure_model and back to the CPU at teardown; on the CPU both are no-ops for the fake
+        # ones, so they are hidden from those two calls (the real tensors still move).
+        strategy = trainer.strategy
+        for name in ("model_to_device", "teardown"):
+            setattr(strategy, name, functools.partial(_fake_tensors_hidden, getattr(strategy, name), pl_module))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if pl_module.generator_step == 0:
@@ -191,7 +217,7 @@ class ShapeOnlyFit(Callback):
             for name, module in labelled_models(pl_module).items():
                 self._tracker.label_model(module, name)
             if self.fake:
-                fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+                fake_mode = self.fake_mode or FakeTensorMode(allow_non_fake_inputs=True)
                 self._restore = fake_weights(pl_module, fake_mode)
                 self._enter(fake_mode, warnings.catch_warnings())
                 with fake_mode:
@@ -214,6 +240,9 @@ class ShapeOnlyFit(Callback):
         else:
             tracker = self._tracker
             self.result.update(peak_dynamic_bytes=tracker.peak, at_peak=tracker.at_peak, nominal_reads=dict(tracker.nominal_reads))
+            optimizers = trainer.strategy.optimizers
+            self.result.update(optimizer_state_bytes=sum(optimizer_state_bytes(o) for o in optimizers),
+                               optimizer_params=[[p.numel() for g in o.param_groups for p in g["params"]] for o in optimizers])  # fmt: skip
 
     def on_exception(self, trainer, pl_module, exception):
         self.on_train_end(trainer, pl_module)  # real weights back, so that Lightning's teardown can move them
@@ -233,6 +262,48 @@ class ShapeOnlyFit(Callback):
 
     def _exit(self) -> None:
         self._contexts.pop().__exit__(None, None, None)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in ``optimizer``'s state (each storage once)."""
+    storages = {t.untyped_storage()._cdata: t.untyped_storage() for state in optimizer.state.values() for t in state.values()
+                if isinstance(t, torch.Tensor)}  # fmt: skip
+    return sum(allocated_bytes(storage) for storage in storages.values())
+
+
+_BNB_BLOCK, _BNB_MIN_8BIT = 256, 4096  # bitsandbytes' blockwise quantisation block and its min_8bit_size default
+
+
+def adamw8bit_state_bytes(numels: list[int]) -> int:
+    """CUDA bytes of bitsandbytes' ``AdamW8bit`` state for parameters of ``numels`` elements: per
+    tensor of at least 4096 elements two uint8 states and two fp32 absmax vectors (one value per 256 elements);
+    smaller tensors keep two fp32 states; plus the two shared 256-entry quantisation maps. Its ``step`` is a Python
+    int (no tensor)."""
+    total = 2 * allocated_bytes_of(256 * 4)
+    for numel in numels:
+        if numel < _BNB_MIN_8BIT:
+            total += 2 * allocated_bytes_of(4 * numel)
+        else:
+            total += 2 * allocated_bytes_of(numel) + 2 * allocated_bytes_of(4 * -(-numel // _BNB_BLOCK))
+    return total
+
+
+def _fake_tensors_hidden(call: Callable[[], None], module: nn.Module) -> None:
+    """``call()`` with every fake parameter and buffer of ``module`` set to None in its module's table (the order of
+    the tables is kept), then put back."""
+    hidden = []
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name, tensor in table.items():
+                if isinstance(tensor, FakeTensor):
+                    hidden.append((table, name, tensor))
+    for table, name, _ in hidden:
+        table[name] = None
+    try:
+        call()
+    finally:
+        for table, name, tensor in hidden:
+            table[name] = tensor
 
 
 def labelled_models(module) -> dict[str, nn.Module]:
@@ -255,4 +326,5 @@ def model_weights(module) -> dict[str, int]:
     return weights
 
 
-__all__ = ["ShapeOnlyExecution", "ShapeOnlyFit", "allocated_bytes", "fake_weights", "labelled_models", "model_weights", "weight_bytes"]
+__all__ = ["ShapeOnlyExecution", "ShapeOnlyFit", "adamw8bit_state_bytes", "allocated_bytes", "allocated_bytes_of", "fake_weights", "labelled_models",
+           "model_weights", "optimizer_state_bytes", "weight_bytes"]

@@ -1,12 +1,15 @@
 """The shape-only estimator (benchmarks/shape_only.py) that gives full-size memory and FLOPs without a GPU.
 
 Its storage accounting is checked against hand values, and a fake-tensor training step against the same step run
-for real: the fake run must see the same FLOPs and the same tensor memory, model by model, as the real one.
+for real: the fake run must see the same FLOPs and the same tensor memory, model by model, as the real one. The
+SD3.5-Medium and FLUX.1-dev builders (configs only, loaded as fake tensors) are checked against the published
+sizes, and fake loading against loading for real (tiny://sd3); the 8-bit Adam estimate against bitsandbytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +139,97 @@ def test_fake_training_step_matches_the_real_step(tiny_paths):
     # the checkpointed VAE decoder re-run in backward is the VAE's, not unlabelled
     assert {("unet", "forward"), ("vae", "backward")} <= set(fake["at_peak"])
     assert fake["nominal_reads"]["bool"] > 0  # the finiteness checks took their normal path
+
+
+# ------------------------------------------------------------------------------------------ SD3.5-Medium, FLUX.1-dev
+
+# Published sizes (parameters; SD3.5-Medium's transformer also holds a 384 x 384 x 1536 positional table as a buffer:
+# its "2.5 B" counts it). The exact figures pin the builders' configs; the published ones are what they must match.
+MMDIT_SIZES = {
+    "sd35-medium": {"transformer": 2_243_171_520, "transformer buffers": 226_492_416, "vae": 83_819_683,
+                    "text_encoders": [123_650_304, 694_659_840, 4_762_310_656]},
+    "flux-dev": {"transformer": 11_901_408_320, "transformer buffers": 0, "vae": 83_819_683,
+                 "text_encoders": [123_060_480, 4_762_310_656]},
+}  # fmt: skip
+
+
+def test_sd35_medium_and_flux_dev_are_built_from_configs_and_load_as_fake_tensors(tmp_path):
+    """The configs-only builders write no weights; under fake_loading the pipelines load through the framework's own
+    loader with the published sizes (SD3.5-Medium transformer 2.5 B with its positional table, FLUX.1-dev 11.9 B,
+    T5-XXL 4.76 B), the dtypes a real load gives, and no storage; outside it nothing is patched."""
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    from benchmarks.full_size_models import configs_only, ensure, fake_loading
+    from comat_lightning.models.mmdit import MMDiTBackbone
+
+    patched = (ModelMixin.__dict__["from_pretrained"], PreTrainedModel.__dict__["from_pretrained"])
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    for name, sizes in MMDIT_SIZES.items():
+        folder = ensure(tmp_path, name)
+        assert configs_only(folder) and not [*folder.rglob("*.safetensors"), *folder.rglob("*.bin")]
+        assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 2**20
+        with fake_loading(mode):
+            backbone = MMDiTBackbone.from_pretrained(str(folder))
+        tensors = [*backbone.parameters(), *backbone.buffers()]
+        assert all(isinstance(t, FakeTensor) for t in tensors)
+        transformer = backbone.transformer
+        assert sum(p.numel() for p in transformer.parameters()) == sizes["transformer"]
+        assert sum(b.numel() for b in transformer.buffers()) == sizes["transformer buffers"]
+        assert sum(p.numel() for p in backbone.vae.parameters()) == sizes["vae"]
+        assert [sum(p.numel() for p in e.parameters()) for e in backbone.text_encoders] == sizes["text_encoders"]
+        assert {p.dtype for p in transformer.parameters()} == {torch.float32}  # diffusers' default: fp32, then frozen_dtype
+        assert {p.dtype for p in backbone.text_encoders[-1].parameters()} == ({torch.float16, torch.float32} if name == "sd35-medium" else {torch.bfloat16})
+        assert backbone.latent_channels == 16 and backbone.vae_scale_factor == 8
+    # the published "2.5 B" (with the positional table) and "11.9 B"; T5-XXL's encoder 4.76 B
+    assert round((MMDIT_SIZES["sd35-medium"]["transformer"] + MMDIT_SIZES["sd35-medium"]["transformer buffers"]) / 1e9, 1) == 2.5
+    assert round(MMDIT_SIZES["flux-dev"]["transformer"] / 1e9, 1) == 11.9
+    assert round(MMDIT_SIZES["flux-dev"]["text_encoders"][1] / 1e9, 2) == 4.76
+    assert (ModelMixin.__dict__["from_pretrained"], PreTrainedModel.__dict__["from_pretrained"]) == patched
+
+
+def test_fake_loaded_pipeline_gives_the_same_estimate_as_a_loaded_one(tiny_paths, tmp_path):
+    """tiny://sd3 loaded for real (its weights faked at the first batch) and its configs-only copy loaded as fake
+    tensors (how SD3.5-Medium and FLUX.1-dev run) give the same FLOPs, weights and peak memory, model by model, with
+    all three losses, bf16 frozen weights and gradient checkpointing."""
+    from benchmarks.bench_scale import knob_estimates, shape_only_fit
+    from benchmarks.full_size_models import configs_only_copy
+
+    settings = dict(accelerator="cpu", precision="bf16-mixed", max_steps=2, resolution=64, batch=1, inference_steps=3, k=1,
+                    attention_blocks=["joint"])  # fmt: skip
+    copy = configs_only_copy(Path(tiny_paths["sd3"]), tmp_path / "sd3-configs-only")
+    runs = {}
+    for name, pipeline in {"loaded": tiny_paths["sd3"], "fake": str(copy)}.items():
+        measure, module, losses, refused = shape_only_fit(pipeline, "tiny://blip", settings)
+        runs[name] = measure.result, module, losses, refused
+    (loaded, _, losses, refused), (fake, module, _, _) = runs["loaded"], runs["fake"]
+    assert not refused and len(losses) == 3
+    frozen = [p for p in module.backbone.unet.parameters() if not p.requires_grad]
+    assert frozen and all(isinstance(p, FakeTensor) for p in frozen)  # loaded fake: nothing real to restore (the LoRA is)
+    for key in ("flops", "flops_by", "weights", "peak_dynamic_bytes", "at_peak", "optimizer_state_bytes", "optimizer_params"):
+        assert fake[key] == loaded[key], key
+    assert fake["weights"]["unet (frozen)"] > 0 and fake["flops"] > 0
+    # knobs: one rank is the run itself; N ranks divide the denoiser's weights and the optimizer state by N
+    single = knob_estimates(module, fake, "adamw", 1)
+    assert single["estimated_peak_allocated_gib"] == single["shape_only_peak_allocated_gib_one_device_adamw"]
+    sharded = knob_estimates(module, fake, "adamw", 4)["fsdp2"]
+    denoiser = (fake["weights"]["unet (trainable)"] + fake["weights"]["unet (frozen)"]) / 2**30
+    assert 0 <= sharded["sharded_weights_gib_per_rank"] * 4 - denoiser < 2**-16  # + the discriminator head (a few KiB)
+    assert sharded["optimizer_state_gib_per_rank"] * 4 == single["optimizer_state_gib"]
+
+
+def test_the_8bit_adam_estimate_is_bitsandbytes_state():
+    """adamw8bit_state_bytes gives the bytes of bitsandbytes' AdamW8bit state after a step (its CPU build), for
+    tensors below and above its 4096-element threshold."""
+    bnb = pytest.importorskip("bitsandbytes.optim")
+    from benchmarks.shape_only import adamw8bit_state_bytes, optimizer_state_bytes
+
+    params = [nn.Parameter(torch.randn(n)) for n in (100, 4095, 4096, 5000, 70_000)]
+    optimizer = bnb.AdamW8bit(params, lr=1e-3)
+    for param in params:
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    assert optimizer_state_bytes(optimizer) == adamw8bit_state_bytes([p.numel() for p in params])
+    adamw = torch.optim.AdamW(params, lr=1e-3)
+    adamw.step()
+    assert adamw8bit_state_bytes([70_000]) < optimizer_state_bytes(adamw) / 3  # 2 + 1/32 bytes per element vs 8
