@@ -27,6 +27,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from comat_lightning.models.backbone import describe_key_range
+
 ThresholdRule = Literal["minmax", "otsu"]
 
 
@@ -70,7 +72,7 @@ def concept_maps(averaged: torch.Tensor, token_indices: Sequence[Sequence[int]],
     out = []
     for b, indices in enumerate(token_indices):
         if any(i < first or i >= end for i in indices):
-            raise ValueError(f"token indices {list(indices)} out of range {first}..{end - 1}" + (" (0 is the start token)" if first else ""))
+            raise ValueError(f"token indices {list(indices)} out of range {describe_key_range(first, end)}")
         stack = torch.stack([text[b, :, :, i - first] for i in indices])  # shifted: keys before ``first`` were dropped
         out.append(smooth(stack, kernel))
     return out

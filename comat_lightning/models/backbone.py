@@ -67,8 +67,18 @@ class TextKeys:
     first: int  # first key a concept map's softmax covers
     end: int  # one past the last
 
+    @classmethod
+    def for_clip(cls, tokenizer) -> "TextKeys":
+        """A CLIP tokenizer's keys: the start token and the last of its ``model_max_length`` slots are not read."""
+        return cls(tokenizer, first=1, end=tokenizer.model_max_length - 1)
+
     def describe(self) -> str:
-        return f"{self.first}..{self.end - 1}" + (" (0 is the start token)" if self.first else "")
+        return describe_key_range(self.first, self.end)
+
+
+def describe_key_range(first: int, end: int) -> str:
+    """The readable key positions ``first .. end - 1``, as error messages name them."""
+    return f"{first}..{end - 1}" + (" (0 is the start token)" if first else "")
 
 
 def _read_model_index(path: str, revision: Optional[str]) -> dict:
@@ -203,7 +213,7 @@ class DiffusionBackbone(nn.Module):
     @property
     def text_keys(self) -> TextKeys:
         """The cross-attention keys are the first tokenizer's 77 positions (SDXL's second shares its BPE)."""
-        return TextKeys(self.tokenizers[0], first=1, end=self.tokenizers[0].model_max_length - 1)
+        return TextKeys.for_clip(self.tokenizers[0])
 
     def _token_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids

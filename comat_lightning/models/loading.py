@@ -57,10 +57,15 @@ def _from_pretrained(source: dict):
 
     if mmdit_family(source["path"], source.get("revision")) is None:
         return DiffusionBackbone.from_pretrained(**source)
+    refuse_component_paths(source)
+    return MMDiTBackbone.from_pretrained(source["path"], revision=source.get("revision"), variant=source.get("variant"))
+
+
+def refuse_component_paths(source: dict) -> None:
+    """SD3 / FLUX.1 pipelines load whole: ``unet_path`` / ``vae_path`` replace UNet-family components only."""
     for option in ("unet_path", "vae_path"):
         if source.get(option):
             raise InputError(f"model.{option}: replacing a component is supported for the UNet families only")
-    return MMDiTBackbone.from_pretrained(source["path"], revision=source.get("revision"), variant=source.get("variant"))
 
 
 def frozen_weight_dtype(option: str, precision: str) -> Optional[torch.dtype]:

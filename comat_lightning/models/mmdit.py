@@ -142,7 +142,7 @@ class MMDiTBackbone(nn.Module):
         """Which text keys of the joint attention the concept readers use (see ``TextKeys``): SD3's first 77 keys are
         CLIP-L tokens (CLIP-G's share its positions), read as a UNet's; FLUX's keys are its T5 tokens."""
         if self.family == "sd3":
-            return TextKeys(self.tokenizers[0], first=1, end=self.tokenizers[0].model_max_length - 1)
+            return TextKeys.for_clip(self.tokenizers[0])
         return TextKeys(self.tokenizers[-1], first=0, end=self.max_sequence_length - 1)
 
     def _ids(self, tokenizer, prompts: list[str], length: int) -> torch.Tensor:

@@ -184,6 +184,8 @@ def check_run_settings(module, stage: str) -> None:
 def _check_mmdit_support(module, stage: str, family: str) -> None:
     """SD3 / FLUX.1 run every method of the UNet families; what differs is checked here, before any weight loads:
     the layers read must be the joint attention layers, and components cannot be swapped."""
+    from comat_lightning.models.loading import refuse_component_paths
+
     name = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1"}[family]
     geometry = vae_geometry(module.model_source["path"])
     latent = module.sampler.resolution // (geometry[0] if geometry else 8)
@@ -198,9 +200,7 @@ def _check_mmdit_support(module, stage: str, family: str) -> None:
         if separate:
             raise InputError(f"{type(separate[0]).__name__}.discriminator_model: a separate discriminator backbone is for the UNet families; "
                              f"on a {name} pipeline leave it null (the discriminator is a second LoRA on the transformer)")  # fmt: skip
-    for option in ("unet_path", "vae_path"):
-        if module.model_source.get(option):
-            raise InputError(f"model.{option}: replacing a component is supported for the UNet families only")
+    refuse_component_paths(module.model_source)
 
 
 def check_model_inputs(module, stage: str) -> None:

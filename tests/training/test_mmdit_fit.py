@@ -118,6 +118,23 @@ def test_a_separate_discriminator_backbone_is_refused_before_loading(family, tmp
         run_cli(["fit", "--config", _config(tmp_path, family, [fidelity])])
 
 
+@pytest.mark.parametrize("option", ["unet_path", "vae_path"])
+def test_a_replaced_component_is_refused_before_loading_and_by_the_loader(option, tmp_path, monkeypatch):
+    from comat_lightning.models import loading
+    from comat_lightning.tiny.zoo import resolve_model_path
+
+    component = tmp_path / "component"
+    component.mkdir()
+    # library callers that skip the start-up checks get the refusal from the loader
+    with pytest.raises(ValueError, match=rf"model.{option}: replacing a component is supported for the UNet families only"):
+        loading._from_pretrained({"path": resolve_model_path("tiny://sd3"), option: str(component)})
+    # train.py refuses in the start-up checks, before the loader is reached
+    monkeypatch.setattr(loading, "_from_pretrained", lambda source: pytest.fail("the loader was reached"))
+    matching = {"class_path": "callbacks.ConceptMatchingLoss", "init_args": {"captioner": "tiny://blip"}}
+    with pytest.raises(ValueError, match=rf"model.{option}: replacing a component is supported for the UNet families only"):
+        run_cli(["fit", "--config", _config(tmp_path, "flux", [matching]), f"--model.{option}={component}"])
+
+
 def test_a_unet_block_selection_on_sd3_names_the_joint_layers(tmp_path, monkeypatch):
     from comat_lightning.models.mmdit import MMDiTBackbone
 
