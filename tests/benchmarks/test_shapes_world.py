@@ -55,6 +55,18 @@ def test_committed_prompt_files_are_the_generators_output():
     for split, records in expected.items():
         lines = (SHAPES / "data" / f"{split}_prompts.jsonl").read_text().splitlines()
         assert [json.loads(line) for line in lines] == records, split
+    demo = [json.loads(line) for line in (REPO / "data" / "shapes_demo_val_prompts.jsonl").read_text().splitlines()]
+    assert demo == run.demo_validation_records()
+
+
+def test_the_demo_validates_on_training_compositions_in_both_orders():
+    """configs/demo.yaml's validation prompts: 72 of CoMat's training compositions, each in both word orders."""
+    demo = run.demo_validation_records()
+    pairs = [pairs_of(r["objects"]) for r in demo]
+    assert len(demo) == 144 and set().union(*pairs) <= set(world.composition_splits()["train"])
+    assert len(set().union(*pairs)) == 72 and len({r["prompt"] for r in demo}) == 144
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert config["data"]["val_file"] == "data/shapes_demo_val_prompts.jsonl"
 
 
 def test_training_prompts_come_in_both_word_orders():
