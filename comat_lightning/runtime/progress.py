@@ -162,6 +162,12 @@ class GeneratorStepProgress(ProgressBar):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._stage("predict", trainer, batch_idx, batches(trainer.num_predict_batches, dataloader_idx))
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # A validation after the last step: its line ends here, before Lightning prints why fit stopped.
+        total = self.total_steps(trainer)
+        if trainer.state.fn == "fit" and total is not None and self.generator_step(trainer) >= total:
+            self._end_line()
+
     def on_test_end(self, trainer, pl_module) -> None:
         self._end_line()
 

@@ -73,3 +73,27 @@ def test_terminal_line_never_wraps_and_keeps_the_terms(monkeypatch):
     drawn = stream.getvalue().split("\r")[-1]
     assert len(drawn) == 79 and "|#" not in drawn and "|-" not in drawn  # no room for the bar at 80 columns
     assert drawn.rstrip() == "step 120/5000   2% 3:30<2:22:20 0.571 step/s | concept 6.3 attr 0.002 fid 0.75"
+
+
+def test_a_validation_after_the_last_step_ends_its_terminal_line(monkeypatch):
+    """Seen in tmux: the last validation's line stayed open and Lightning's "`Trainer.fit` stopped" joined it."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("comat_lightning.runtime.progress.shutil.get_terminal_size", lambda fallback: SimpleNamespace(columns=80))
+    stream = Terminal()
+    progress = GeneratorStepProgress(stream=stream)
+    module = SimpleNamespace(generator_step=0)
+    trainer = FakeTrainer(lightning_module=module, max_steps=20, is_global_zero=True, global_step=0, progress_bar_metrics={},
+                          num_val_batches=[2], state=SimpleNamespace(fn="fit"))
+    progress._trainer = trainer
+    progress.on_train_start(trainer, module)
+    for step, ended in ((10, False), (20, True)):
+        module.generator_step = step
+        progress.on_train_batch_end(trainer, module, None, None, 0)
+        for batch_idx in range(2):
+            progress.on_validation_batch_end(trainer, module, None, None, batch_idx)
+        progress.on_validation_end(trainer, module)
+        assert stream.getvalue().endswith("\n") == ended, step
+        assert stream.getvalue().rstrip(" \n").endswith(f"step {step}/20 | validate 2/2")
