@@ -152,7 +152,17 @@ class GeneratorStepProgress(ProgressBar):
             self._report("step", self.generator_step(trainer), self.total_steps(trainer), trainer, final=True)
         self._end_line()
 
-    # Validation, test, predict: the batch count of the stage, on the same line on a terminal.
+    # Validation, test, predict: the batch count of the stage, on the same line on a terminal; the stage's clock
+    # starts before its first batch (its rate and elapsed time include that batch).
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._stage_start = time.monotonic()
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._stage_start = time.monotonic()
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._stage_start = time.monotonic()
+
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._stage("validate", trainer, batch_idx, batches(trainer.num_val_batches, dataloader_idx))
 
@@ -179,8 +189,6 @@ class GeneratorStepProgress(ProgressBar):
             return
         total = int(total) if isinstance(total, (int, float)) and total != float("inf") else None
         now = time.monotonic()
-        if batch_idx == 0:
-            self._stage_start = now
         if trainer.state.fn == "fit":  # validation inside fit: after the step line on a terminal; a log gets one line
             if self.on_terminal:
                 step = self.generator_step(trainer)

@@ -97,3 +97,21 @@ def test_a_validation_after_the_last_step_ends_its_terminal_line(monkeypatch):
         progress.on_validation_end(trainer, module)
         assert stream.getvalue().endswith("\n") == ended, step
         assert stream.getvalue().rstrip(" \n").endswith(f"step {step}/20 | validate 2/2")
+
+
+def test_evaluation_rate_counts_the_first_batch_from_the_stage_start(monkeypatch):
+    """Seen in the A-STAR demo's log: "predict 1/2 ... 4.59e+04 predict/s" (the clock started after batch 1)."""
+    now = [100.0]
+    monkeypatch.setattr("comat_lightning.runtime.progress.time.monotonic", lambda: now[0])
+    stream = io.StringIO()
+    progress = GeneratorStepProgress(stream=stream)
+    module = SimpleNamespace(generator_step=0)
+    trainer = FakeTrainer(lightning_module=module, is_global_zero=True, num_predict_batches=[2], state=SimpleNamespace(fn="predict"),
+                          progress_bar_metrics={})
+    progress._trainer = trainer
+    progress.on_predict_start(trainer, module)
+    for batch_idx in range(2):
+        now[0] += 4.0
+        progress.on_predict_batch_end(trainer, module, None, None, batch_idx)
+    assert stream.getvalue().splitlines() == ["predict 1/2  50% elapsed 0:04 eta 0:04 0.25 predict/s",
+                                              "predict 2/2 100% elapsed 0:08 eta 0:00 0.25 predict/s"]
