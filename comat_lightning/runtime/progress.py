@@ -131,6 +131,10 @@ class GeneratorStepProgress(ProgressBar):
             return batches * epochs
         return None
 
+    def at_last_step(self, trainer) -> bool:
+        total = self.total_steps(trainer)
+        return total is not None and self.generator_step(trainer) >= total
+
     @staticmethod
     def generator_step(trainer) -> int:
         return int(getattr(trainer.lightning_module, "generator_step", trainer.global_step))
@@ -143,7 +147,7 @@ class GeneratorStepProgress(ProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, total = self.generator_step(trainer), self.total_steps(trainer)
         # The last step's line ends here, before Lightning prints why fit stopped.
-        final = total is not None and step >= total
+        final = self.at_last_step(trainer)
         self._report("step", step, total, trainer, first=step == self._start_step + 1, final=final)
         self._reported_final = final
 
@@ -174,8 +178,7 @@ class GeneratorStepProgress(ProgressBar):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         # A validation after the last step: its line ends here, before Lightning prints why fit stopped.
-        total = self.total_steps(trainer)
-        if trainer.state.fn == "fit" and total is not None and self.generator_step(trainer) >= total:
+        if trainer.state.fn == "fit" and self.at_last_step(trainer):
             self._end_line()
 
     def on_test_end(self, trainer, pl_module) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
+import pytest
+
 from comat_lightning.runtime.progress import GeneratorStepProgress, clock, status_line, terms_text
 
 
@@ -51,15 +53,22 @@ def test_log_file_lines_count_generator_steps_across_epochs(monkeypatch):
     assert "\r" not in stream.getvalue() and "v_num" not in stream.getvalue()
 
 
-def test_terminal_line_never_wraps_and_keeps_the_terms(monkeypatch):
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def terminal(monkeypatch) -> Terminal:
+    """A stream that says it is an 80-column terminal."""
+    monkeypatch.setattr("comat_lightning.runtime.progress.shutil.get_terminal_size", lambda fallback: SimpleNamespace(columns=80))
+    return Terminal()
+
+
+def test_terminal_line_never_wraps_and_keeps_the_terms(monkeypatch, terminal):
     now = [100.0]
     monkeypatch.setattr("comat_lightning.runtime.progress.time.monotonic", lambda: now[0])
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    monkeypatch.setattr("comat_lightning.runtime.progress.shutil.get_terminal_size", lambda fallback: SimpleNamespace(columns=80))
-    stream = Terminal()
+    stream = terminal
     progress = GeneratorStepProgress(stream=stream)
     module = SimpleNamespace(generator_step=0)
     trainer = FakeTrainer(lightning_module=module, max_steps=5000, is_global_zero=True, global_step=0,
@@ -75,14 +84,9 @@ def test_terminal_line_never_wraps_and_keeps_the_terms(monkeypatch):
     assert drawn.rstrip() == "step 120/5000   2% 3:30<2:22:20 0.571 step/s | concept 6.3 attr 0.002 fid 0.75"
 
 
-def test_a_validation_after_the_last_step_ends_its_terminal_line(monkeypatch):
+def test_a_validation_after_the_last_step_ends_its_terminal_line(terminal):
     """Seen in tmux: the last validation's line stayed open and Lightning's "`Trainer.fit` stopped" joined it."""
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    monkeypatch.setattr("comat_lightning.runtime.progress.shutil.get_terminal_size", lambda fallback: SimpleNamespace(columns=80))
-    stream = Terminal()
+    stream = terminal
     progress = GeneratorStepProgress(stream=stream)
     module = SimpleNamespace(generator_step=0)
     trainer = FakeTrainer(lightning_module=module, max_steps=20, is_global_zero=True, global_step=0, progress_bar_metrics={},
